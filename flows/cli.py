@@ -1,0 +1,121 @@
+"""`acepipe`: the one command-line entry point.
+
+    acepipe synth OUT [--n N] [--seed S]        write the synthetic corpus
+    acepipe run [--config C] [--source S] [--work W] [--set k=v]   the curate flow
+    acepipe inspect TRACK_ID_OR_PATH [--config C] [--work W]      every stage output of a track
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import flows  # noqa: F401 - sets Prefect's offline environment before prefect is imported
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="default", help="profile (default, tiny) or YAML path")
+    p.add_argument("--work", help="work root (local path or fsspec URL)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="config override, e.g. ingest.partition_size=100")
+
+
+def _params(args):
+    from flows.params import RunParams
+
+    return RunParams(config=args.config, work_root=args.work,
+                     sources=getattr(args, "source", None) or None, overrides=args.overrides)
+
+
+def cmd_synth(args) -> int:
+    from tasks.synth import generate_corpus
+
+    truth = generate_corpus(args.out, n=args.n, seed=args.seed)
+    bad = sum(1 for s in truth["songs"] if s["expect"] != "ok")
+    print(f"wrote {len(truth['songs'])} files ({bad} deliberately bad) and the lyrics database to {args.out}")
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\nwork root   {summary['work_root']}")
+    print(f"found       {summary['found']} files -> {summary['tracks']} tracks "
+          f"({summary['duplicates']} exact duplicates folded), {summary['partitions']} partitions "
+          f"({summary['new_partitions']} new)")
+    print(f"kept        {summary['ok']}   rejected {summary['rejected']}   error {summary['error']}")
+    for reason, n in summary["by_reason"].items():
+        print(f"  {n:5d}  {reason}")
+    print("\nstage          run  skip     ok  rej  err    secs  reasons")
+    for s in summary["stages"]:
+        print(f"{s['stage']:<13} {s['partitions_run']:4d} {s['partitions_skipped']:5d} {s['ok']:6d} "
+              f"{s['rejected']:4d} {s['error']:4d} {s['seconds']:7.1f}  {s['reasons']}")
+    print(f"\ntime        {summary['seconds']:.1f} s")
+
+
+def cmd_run(args) -> int:
+    from flows.curate import curate
+
+    params = _params(args)
+    # Fail before Prefect starts: malformed config, missing source, unwritable work root.
+    cfg = params.load()
+    from tasks.ingest import check_sources
+    from tasks.store import StageStore
+
+    check_sources(cfg.sources)
+    StageStore(cfg.work_root).check_writable()
+    summary = curate(params)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print_summary(summary)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from tasks.inspect import inspect_track
+
+    cfg = _params(args).load()
+    report = inspect_track(cfg, args.track)
+    print(json.dumps(report, indent=1, default=str, ensure_ascii=False))
+    return 0 if report.get("found") else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acepipe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic corpus")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("run", help="run the curate flow")
+    _add_config_args(p)
+    p.add_argument("--source", action="append", help="source dir, URL or .txt list (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="every stage output for one track")
+    _add_config_args(p)
+    p.add_argument("track", help="track_id or path of an ingested file")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from schemas.config import ConfigError
+    from tasks.ingest import SourceError
+    from tasks.store import StoreError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, SourceError, StoreError) as exc:
+        print(f"acepipe: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Flow parameters as pydantic models, so the Prefect UI shows a form with defaults."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.config import Config, load_config
+
+
+class RunParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config: str = Field("default", description="profile name under configs/ (default, tiny) or a YAML path")
+    work_root: str | None = Field(None, description="overrides work_root: local path or fsspec URL")
+    sources: list[str] | None = Field(None, description="overrides sources: dirs, URLs or .txt lists")
+    overrides: list[str] = Field(default_factory=list, description="extra key.path=value overrides")
+
+    def load(self) -> Config:
+        extra = list(self.overrides)
+        if self.work_root:
+            extra.append(f"work_root={self.work_root}")
+        cfg = load_config(self.config, extra)
+        if self.sources is not None:
+            cfg = cfg.model_copy(update={"sources": list(self.sources)})
+        return cfg

@@ -1,0 +1,139 @@
+"""The stage store: every output of the pipeline under one work root (local path or fsspec URL).
+
+    catalog/part-NNNNN.parquet                 ingest output (append-only partitions)
+    catalog/seen.parquet                       (uri, size, mtime) -> track_id memo of ingest
+    stages/<stage>/<key>/part-NNNNN.parquet    one file per partition and stage key
+    manifest/, shards/, latents/, runs/        pack, latents and training outputs
+
+A file exists complete or not at all: writes go to a hidden temporary name in the same
+directory and are renamed into place. The store's keys, not Prefect's result cache,
+decide what runs.
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+import uuid
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PART_RE = re.compile(r"part-(\d{5,})\.parquet$")
+
+
+class StoreError(RuntimeError):
+    """The work root cannot be used; the message says which path and why."""
+
+
+class StageStore:
+    def __init__(self, root: str | Path):
+        self.url = str(root)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+
+    # -- paths -------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def catalog_path(self, partition: int) -> str:
+        return self.path("catalog", f"part-{partition:05d}.parquet")
+
+    def stage_path(self, stage: str, key: str, partition: int) -> str:
+        return self.path("stages", stage, key, f"part-{partition:05d}.parquet")
+
+    def check_writable(self) -> None:
+        """Fail before any work if the root cannot be created or written."""
+        probe = self.path(f".write-test-{uuid.uuid4().hex}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            with self.fs.open(probe, "wb") as fh:
+                fh.write(b"ok")
+            self.fs.rm(probe)
+        except (OSError, PermissionError) as exc:
+            raise StoreError(f"work root {self.url!r} is not writable: {exc}") from None
+
+    # -- atomic writes -----------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write to a temporary sibling, then rename: readers never see a partial file."""
+        parent = posixpath.dirname(path)
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        try:
+            with self.fs.open(tmp, "wb") as fh:
+                fh.write(data)
+            self.fs.mv(tmp, path)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+
+    def write_table(self, path: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(path, buf.getvalue())
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=columns)
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open(path, "rb") as fh:
+            return fh.read()
+
+    def glob_partitions(self, directory: str) -> list[int]:
+        try:
+            names = self.fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
+        parts = []
+        for name in names:
+            m = PART_RE.search(posixpath.basename(name))
+            if m:
+                parts.append(int(m.group(1)))
+        return sorted(parts)
+
+    # -- catalog and stage outputs ---------------------------------------------------------
+    def catalog_partitions(self) -> list[int]:
+        return self.glob_partitions(self.path("catalog"))
+
+    def read_catalog(self, partition: int | None = None) -> pa.Table:
+        parts = self.catalog_partitions() if partition is None else [partition]
+        tables = [self.read_table(self.catalog_path(p)) for p in parts]
+        if not tables:
+            from schemas.common import CATALOG_SCHEMA
+
+            return CATALOG_SCHEMA.empty_table()
+        return pa.concat_tables(tables, promote_options="default")
+
+    def stage_keys_on_disk(self, stage: str) -> list[str]:
+        try:
+            return [posixpath.basename(p) for p in self.fs.ls(self.path("stages", stage), detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def read_stage(self, stage: str, key: str, partition: int,
+                   columns: list[str] | None = None) -> pa.Table:
+        return self.read_table(self.stage_path(stage, key, partition), columns=columns)
+
+    def joined_rows(self, partition: int, upstream: dict[str, str]) -> list[dict]:
+        """Catalog rows of a partition, each with a dict per upstream stage under its name.
+
+        Only tracks whose catalog row and every upstream row have status 'ok' are
+        returned: downstream stages run on kept tracks only.
+        """
+        catalog = self.read_catalog(partition).to_pylist()
+        rows = {r["track_id"]: r for r in catalog if r["status"] == "ok"}
+        for stage, key in upstream.items():
+            found = {r["track_id"]: r for r in self.read_stage(stage, key, partition).to_pylist()}
+            for tid in list(rows):
+                up = found.get(tid)
+                if up is None or up["status"] != "ok":
+                    del rows[tid]
+                else:
+                    rows[tid][stage] = up
+        return list(rows.values())
