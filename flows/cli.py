@@ -3,6 +3,11 @@
     acepipe synth OUT [--n N] [--seed S]        write the synthetic corpus
     acepipe run [--config C] [--source S] [--work W] [--set k=v]   the curate flow
     acepipe inspect TRACK_ID_OR_PATH [--config C] [--work W]      every stage output of a track
+    acepipe analyze FILE... [--json]              rhythm/key/structure of files, no flow, no store
+    acepipe lyrics index --db DB --out DIR        build the IPA MinHash index of a lyrics database
+    acepipe tiny-models DIR [NAME...]             build the tiny model twins
+    acepipe pack|latents --config C --work W [--dataset NAME]   the pack and latents flows
+    acepipe train --config configs/train/tiny.yaml --out DIR [--resume]
 """
 from __future__ import annotations
 
@@ -101,7 +106,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("track", help="track_id or path of an ingested file")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("analyze", help="rhythm, key and structure of audio files (no flow)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--json", action="store_true", help="JSON lines")
+    _add_config_args(p)
+    p.set_defaults(func=lambda a: _call("tasks.rhythm:cli_analyze", a))
+
+    p = sub.add_parser("lyrics", help="canonical lyrics database tools")
+    lsub = p.add_subparsers(dest="lyrics_command", required=True)
+    q = lsub.add_parser("index", help="build the IPA MinHash index of a lyrics database")
+    q.add_argument("--db", required=True, help="Parquet or JSONL lyrics database")
+    q.add_argument("--out", required=True, help="index directory")
+    _add_config_args(q)
+    q.set_defaults(func=lambda a: _call("tasks.lyrics:cli_index", a))
+
+    p = sub.add_parser("tiny-models", help="build the tiny model twins into DIR")
+    p.add_argument("dir")
+    p.add_argument("names", nargs="*", help="twin names (default: all)")
+    p.add_argument("--force", action="store_true", help="rebuild existing twins")
+    p.set_defaults(func=cmd_tiny_models)
+
+    for name in ("pack", "latents"):
+        p = sub.add_parser(name, help=f"run the {name} flow locally")
+        _add_config_args(p)
+        p.add_argument("--dataset", default="default", help="dataset name under manifest/ and shards/")
+        p.set_defaults(func=lambda a, name=name: _call(f"flows.{name}:cli", a))
+
+    p = sub.add_parser("train", help="train the DiT (same options as python -m model.train)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: _call("model.train:main", a.train_args))
     return parser
+
+
+def _call(target: str, arg) -> int:
+    import importlib
+
+    module, func = target.split(":")
+    return int(getattr(importlib.import_module(module), func)(arg) or 0)
+
+
+def cmd_tiny_models(args) -> int:
+    from tasks.models import build_all
+
+    for path in build_all(args.dir, args.names or None, force=args.force):
+        print(path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
