@@ -67,12 +67,37 @@ def _open_bytes(path: PathLike) -> bytes:
 
 
 def _source(path: PathLike):
-    """What soundfile can open: a local path or an in-memory file for remote URLs."""
+    """What soundfile can open: local path bytes (non-UTF-8 names survive) or an in-memory
+    file for remote URLs."""
     if _is_url(path):
         return io.BytesIO(_open_bytes(path))
     if isinstance(path, str) and path.startswith("file://"):
-        return path[len("file://"):]
-    return path
+        path = path[len("file://"):]
+    return os.fsencode(path)
+
+
+def _riff_shortfall(path: PathLike) -> int:
+    """Bytes a RIFF/WAVE file's data chunk claims beyond the end of the file.
+
+    libsndfile silently clamps a cut WAV to what is there, so a truncated upload would
+    pass as a shorter song; the header's declared size is the only witness.
+    """
+    if _is_url(path):
+        return 0
+    src = _source(path)
+    with open(src, "rb") as fh:
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return 0
+        size = os.path.getsize(src)
+        while True:
+            chunk = fh.read(8)
+            if len(chunk) < 8:
+                return 0
+            cid, clen = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if cid == b"data":
+                return max(0, fh.tell() + clen - size) if clen != 0xFFFFFFFF else 0
+            fh.seek(clen + (clen & 1), 1)
 
 
 def _ffprobe(path: PathLike, ffmpeg: str) -> AudioInfo:
@@ -121,6 +146,10 @@ def probe(path: PathLike, cfg: AudioConfig | None = None) -> AudioInfo:
         result = _ffprobe(path, cfg.ffmpeg)
     if result.frames <= 0 or result.sample_rate <= 0:
         raise AudioError("empty", "the file holds no audio frames")
+    missing = _riff_shortfall(path) if result.codec.startswith("wav") else 0
+    if missing:
+        raise AudioError("truncated", f"the WAV header declares {missing} more bytes of audio "
+                         "than the file holds (an interrupted copy or upload); re-fetch the file")
     return result
 
 

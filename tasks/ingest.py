@@ -174,7 +174,7 @@ def ingest(cfg: Config, store: StageStore, sources: list[str] | None = None) -> 
             duplicates += 1
             new_rows[track_id]["aliases"].append(f.uri)
             continue
-        new_rows[track_id] = {}
+        new_rows[track_id] = {"aliases": []}
         to_probe.append((f, track_id))
 
     with ThreadPoolExecutor(max_workers=max(2, cfg.runner.max_workers)) as pool:

@@ -23,7 +23,7 @@ from schemas.common import STATUS_ERROR, STATUS_OK, STATUS_REJECTED, reason_code
 from schemas.config import Config, section_dump
 from tasks.store import StageStore
 
-# name -> module holding `STAGE`; imported lazily so the flow does not import every model.
+# name -> module holding `STAGE` (or "module:Class"); imported lazily so the flow does not import every model.
 STAGE_MODULES = {
     "probe": "tasks.probe",
     "aesthetics": "tasks.aesthetics",
@@ -66,7 +66,8 @@ class Stage:
 def stage_class(name: str) -> type[Stage]:
     if name not in STAGE_MODULES:
         raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGE_MODULES)}")
-    return importlib.import_module(STAGE_MODULES[name]).STAGE
+    module, _, attr = STAGE_MODULES[name].partition(":")
+    return getattr(importlib.import_module(module), attr or "STAGE")
 
 
 def _hash(obj: Any) -> str:

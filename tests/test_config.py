@@ -1,0 +1,43 @@
+"""The one config loader: profiles, overrides, and errors that name the problem."""
+import pytest
+
+from schemas.config import ConfigError, load_config
+
+
+def test_profiles_load_and_differ():
+    default = load_config("default", environ={})
+    tiny = load_config("tiny", environ={})
+    assert default.profile == "default" and tiny.profile == "tiny"
+    assert tiny.ingest.partition_size < default.ingest.partition_size
+
+
+def test_unknown_key_is_an_error_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest:\n  partition_sise: 10\n")
+    with pytest.raises(ConfigError, match=r"ingest\.partition_sise"):
+        load_config(bad, environ={})
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"ingest\.partition_size"):
+        load_config("tiny", ["ingest.partition_size=many"], environ={})
+
+
+def test_cli_and_environment_overrides():
+    cfg = load_config("tiny", ["ingest.partition_size=3", "audio.allowed_channels=[1, 2]"],
+                      environ={"ACEPIPE__RUNNER__MAX_WORKERS": "5"})
+    assert cfg.ingest.partition_size == 3
+    assert cfg.audio.allowed_channels == [1, 2]
+    assert cfg.runner.max_workers == 5
+
+
+def test_missing_config_lists_the_profiles():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("no-such-profile", environ={})
+
+
+def test_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("audio: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, environ={})

@@ -1,0 +1,126 @@
+"""The stage store and runner: atomic writes, skip-if-present, key invalidation, isolation."""
+import pyarrow as pa
+import pytest
+
+from schemas.common import STATUS_OK, STATUS_REJECTED, stage_schema
+from tasks import stage as stage_mod
+from tasks.stage import Stage, run_partition, stage_keys
+from tasks.store import StageStore
+
+CALLS: dict[str, int] = {}
+
+
+class Upper(Stage):
+    name = "upper"
+    version = "1"
+    inputs = ()
+    schema = stage_schema(pa.field("size", pa.int64()))
+
+    def process(self, tracks):
+        CALLS[self.name] = CALLS.get(self.name, 0) + len(tracks)
+        rows = []
+        for t in tracks:
+            if t["uri"].endswith("boom"):
+                raise ValueError("cannot handle boom")
+            status = STATUS_OK if t["bytes"] > 10 else STATUS_REJECTED
+            rows.append({"track_id": t["track_id"], "status": status,
+                         "reason": None if status == STATUS_OK else "too_small: under 10 bytes",
+                         "size": t["bytes"]})
+        return rows
+
+
+class Lower(Stage):
+    name = "lower"
+    version = "1"
+    inputs = ("upper",)
+    schema = stage_schema(pa.field("double", pa.int64()))
+
+    def process(self, tracks):
+        CALLS[self.name] = CALLS.get(self.name, 0) + len(tracks)
+        return [{"track_id": t["track_id"], "status": STATUS_OK, "reason": None,
+                 "double": 2 * t["upper"]["size"]} for t in tracks]
+
+
+class Other(Stage):
+    name = "other"
+    version = "1"
+    inputs = ()
+    schema = stage_schema()
+
+    def process(self, tracks):
+        CALLS[self.name] = CALLS.get(self.name, 0) + len(tracks)
+        return [{"track_id": t["track_id"], "status": STATUS_OK, "reason": None} for t in tracks]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    from schemas.common import CATALOG_SCHEMA
+
+    for name in ("upper", "lower", "other"):
+        monkeypatch.setitem(stage_mod.STAGE_MODULES, name, f"{__name__}:{name.capitalize()}")
+    monkeypatch.setattr(stage_mod, "_INSTANCES", {})
+    CALLS.clear()
+    s = StageStore(tmp_path / "work")
+    rows = [{"track_id": f"t{i}", "status": "ok", "uri": f"/x/{i}", "bytes": b, "partition": 0}
+            for i, b in enumerate([5, 50, 500])]
+    rows.append({"track_id": "bad", "status": "rejected", "reason": "unreadable: x",
+                 "uri": "/x/bad", "bytes": 0, "partition": 0})
+    s.write_table(s.catalog_path(0), pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA))
+    return s
+
+
+def test_write_is_atomic(store, monkeypatch):
+    path = store.stage_path("upper", "k", 0)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed between write and rename")
+
+    monkeypatch.setattr(store.fs, "mv", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_table(path, pa.table({"a": [1]}))
+    assert not store.exists(path)
+    assert store.glob_partitions(store.path("stages", "upper", "k")) == []
+
+
+def test_runner_joins_upstream_and_skips_what_exists(store, make_cfg):
+    cfg = make_cfg("stages=[upper, lower]")
+    keys = stage_keys(cfg, ["upper", "lower"])
+    first = run_partition(store, cfg, "upper", 0, keys)
+    assert (first["ok"], first["rejected"], first["skipped"]) == (2, 1, False)
+    assert CALLS["upper"] == 3  # the catalog reject is never given to a stage
+    low = run_partition(store, cfg, "lower", 0, keys)
+    assert low["ok"] == 2  # only tracks upper kept
+    doubles = store.read_stage("lower", keys["lower"], 0).column("double").to_pylist()
+    assert sorted(doubles) == [100, 1000]
+    again = run_partition(store, cfg, "upper", 0, keys)
+    assert again["skipped"] and CALLS["upper"] == 3 and again["ok"] == 2
+
+
+def test_version_bump_invalidates_the_stage_and_its_dependants_only(store, make_cfg, monkeypatch):
+    cfg = make_cfg("stages=[upper, lower, other]")
+    before = stage_keys(cfg)
+    monkeypatch.setattr(Upper, "version", "2")
+    after = stage_keys(cfg)
+    assert after["upper"] != before["upper"]
+    assert after["lower"] != before["lower"]
+    assert after["other"] == before["other"]
+
+
+def test_config_change_invalidates(make_cfg, store):
+    a = stage_keys(make_cfg("stages=[upper]"))
+    b = stage_keys(make_cfg("stages=[upper]", "audio.min_duration_s=2.0"))
+    assert a["upper"] != b["upper"]
+
+
+def test_one_bad_track_does_not_fail_the_partition(store, make_cfg):
+    from schemas.common import CATALOG_SCHEMA
+
+    rows = [{"track_id": "a", "status": "ok", "uri": "/x/a", "bytes": 99, "partition": 1},
+            {"track_id": "b", "status": "ok", "uri": "/x/boom", "bytes": 99, "partition": 1}]
+    store.write_table(store.catalog_path(1), pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA))
+    cfg = make_cfg("stages=[upper]")
+    result = run_partition(store, cfg, "upper", 1, stage_keys(cfg))
+    assert (result["ok"], result["error"]) == (1, 1)
+    t = store.read_stage("upper", stage_keys(cfg)["upper"], 1).to_pylist()
+    bad = next(r for r in t if r["track_id"] == "b")
+    assert bad["status"] == "error" and "cannot handle boom" in bad["reason"]
