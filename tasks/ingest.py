@@ -140,6 +140,13 @@ def _load_seen(store: StageStore) -> dict[tuple[bytes, int, int], str]:
 
 
 def ingest(cfg: Config, store: StageStore, sources: list[str] | None = None) -> IngestResult:
+    """Catalogue what is new under the sources. Holds the store's ingest lock, so runs that
+    overlap on one work root append their partitions one after the other."""
+    with store.lock("ingest"):
+        return _ingest(cfg, store, sources)
+
+
+def _ingest(cfg: Config, store: StageStore, sources: list[str] | None) -> IngestResult:
     found = discover(sources if sources is not None else cfg.sources, cfg)
     seen = _load_seen(store)
     catalog_ids = set(store.read_catalog().column("track_id").to_pylist())

@@ -11,8 +11,13 @@ decide what runs.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import os
 import posixpath
+import socket
+import time
 import re
 import uuid
 from pathlib import Path
@@ -96,6 +101,57 @@ class StageStore:
             if m:
                 parts.append(int(m.group(1)))
         return sorted(parts)
+
+    # -- a lock for work that must not overlap (ingest appends partitions) -------------
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout_s: float = 600.0, poll_s: float = 0.5):
+        """An exclusive lock file under the root (O_EXCL create), so two runs on one work
+        root never both append partition N. A lock left by a dead process on this host is
+        broken. Object stores have no exclusive create: run one ingest at a time there."""
+        if not self.local:
+            yield
+            return
+        path = os.path.join(self.root, f".lock-{name}")
+        os.makedirs(self.root, exist_ok=True)
+        deadline = time.monotonic() + timeout_s
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        while True:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(me, fh)
+                break
+            except FileExistsError:
+                if self._stale(path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                    continue
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{path} is held by another run for over {timeout_s:.0f} s; "
+                                     "if no run is active, delete the file") from None
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+    @staticmethod
+    def _stale(path: str) -> bool:
+        try:
+            with open(path) as fh:
+                owner = json.load(fh)
+        except (OSError, ValueError):
+            return False  # being written right now
+        if owner.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     # -- catalog and stage outputs ---------------------------------------------------------
     def catalog_partitions(self) -> list[int]:

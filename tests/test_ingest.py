@@ -78,3 +78,27 @@ def test_missing_source_fails_at_once(tmp_path):
         check_sources([str(tmp_path / "does-not-exist")])
     with pytest.raises(SourceError, match="no sources"):
         check_sources([])
+
+
+def test_overlapping_runs_do_not_duplicate_tracks(source, make_cfg):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = make_cfg("ingest.partition_size=2")
+    store = StageStore(cfg.work_root)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: ingest(cfg, store, [str(source)]), range(2)))
+    assert sorted(r.new_tracks for r in results) == [0, 7]
+    ids = store.read_catalog().column("track_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 7
+
+
+def test_stale_lock_of_a_dead_process_is_broken(source, make_cfg):
+    import json
+    import socket
+
+    cfg = make_cfg()
+    store = StageStore(cfg.work_root)
+    os.makedirs(store.root, exist_ok=True)
+    with open(os.path.join(store.root, ".lock-ingest"), "w") as fh:
+        json.dump({"pid": 2**22 + 12345, "host": socket.gethostname()}, fh)
+    assert ingest(cfg, store, [str(source)]).new_tracks == 7
