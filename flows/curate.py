@@ -71,7 +71,11 @@ def curate(params: RunParams = RunParams()) -> dict:
         cfg, ingested.partitions)
     order = dag_order(cfg.stages)
     keys = stage_keys(cfg, order)
-    table = stage_table(results)
+    ingest_row = {"stage": "ingest", "partition": -1, "skipped": ingested.new_tracks == 0,
+                  "ok": ingested.new_tracks - sum(ingested.rejected.values()),
+                  "rejected": sum(ingested.rejected.values()), "error": 0,
+                  "reasons": ingested.rejected}
+    table = stage_table([ingest_row] + results)
     outcomes = track_outcomes(store, order, keys, ingested.partitions)
     summary = {"found": ingested.found, "new_tracks": ingested.new_tracks,
                "duplicates": ingested.duplicates, "partitions": len(ingested.partitions),

@@ -25,6 +25,9 @@ def inspect_track(cfg: Config, track: str) -> dict:
         raw = os.fsencode(os.path.abspath(track))
         mask = pc.equal(catalog.column("uri_raw"), raw)
     hits = catalog.filter(mask).to_pylist()
+    if not hits:  # an exact duplicate is catalogued under its first path
+        path = audio.display_path(os.path.abspath(track))
+        hits = [r for r in catalog.to_pylist() if path in (r["aliases"] or [])]
     if not hits:
         return {"found": False, "error": f"{track!r} is neither a track_id nor an ingested path"}
     row = hits[0]
