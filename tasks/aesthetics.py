@@ -1,0 +1,217 @@
+"""Aesthetics stage (DAG step 2): Audiobox Aesthetics scores CE, CU, PC, PQ; keep or reject.
+
+Each track is read by our loader at 16 kHz mono, cut into 10 s windows (hop 10 s; the
+last one zero-padded and masked), scored by `AesMultiOutput` in device-sized batches of
+windows, de-normalised with the checkpoint's per-axis mean/std and averaged with each
+window weighted by its unpadded length, as the reference inference does (its own
+file-path inference needs torchaudio, which we do not install). Downstream stages run
+on kept tracks only.
+
+Reason codes added here:
+  low_aesthetics   an axis is below its configured minimum ("low_aesthetics: PQ 3.1 < 5.0")
+  live_recording   the path matches aesthetics.live_pattern (with aesthetics.reject_live)
+"""
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from schemas.aesthetics import AESTHETICS_SCHEMA, AXES
+from schemas.common import STATUS_ERROR, STATUS_OK, STATUS_REJECTED
+from tasks import audio
+from tasks.models import resolve_checkpoint, resolve_device
+from tasks.stage import Stage
+
+SAMPLE_RATE = 16000
+CHECKPOINT_NAME = "checkpoint.pt"
+# model_cfg keys the reference loader passes to AesMultiOutput.
+MODEL_CFG_KEYS = ("proj_num_layer", "proj_ln", "proj_act_fn", "proj_dropout", "nth_layer",
+                  "use_weighted_layer_sum", "precision", "normalize_embed", "output_dim")
+
+# AesMultiOutput builds its WavLM from the module constant DEFAULT_AUDIO_CFG. A checkpoint
+# may carry its own WavLM config under model_cfg["wavlm_cfg"] (our tiny twin does; the
+# released one does not); construction swaps the constant under this lock.
+_CONSTRUCT_LOCK = threading.Lock()
+
+
+def _construct(model_cfg: dict, target_transform: dict):
+    from audiobox_aesthetics.model import aes
+    from audiobox_aesthetics.model.wavlm import WavLMConfig
+
+    kwargs = {k: model_cfg[k] for k in MODEL_CFG_KEYS if k in model_cfg}
+    with _CONSTRUCT_LOCK:
+        default = aes.DEFAULT_AUDIO_CFG
+        if model_cfg.get("wavlm_cfg"):
+            aes.DEFAULT_AUDIO_CFG = WavLMConfig(dict(model_cfg["wavlm_cfg"]))
+        try:
+            return aes.AesMultiOutput(**kwargs, target_transform=target_transform)
+        finally:
+            aes.DEFAULT_AUDIO_CFG = default
+
+
+def load_model(ref: str, device: torch.device | str = "cpu"):
+    """An AesMultiOutput in eval mode from a checkpoint.pt (or its directory) or a hub id.
+
+    The checkpoint format is the released one: {"state_dict": {"model.<param>": ...},
+    "model_cfg": {...}, "target_transform": {axis: {"mean", "std"}}}.
+    """
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
+        path = path / CHECKPOINT_NAME
+    if path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        state = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}
+        model = _construct(ckpt["model_cfg"], ckpt["target_transform"])
+        model.load_state_dict(state)
+    else:
+        from audiobox_aesthetics.model.aes import AesMultiOutput
+
+        try:  # a hub id, or a local from_pretrained directory (config.json + safetensors)
+            model = AesMultiOutput.from_pretrained(ref)
+        except Exception as exc:  # noqa: BLE001 - re-raised with what to do
+            raise RuntimeError(
+                f"aesthetics.checkpoint={ref!r} is not a local checkpoint.pt and could not be "
+                f"loaded from the hub ({type(exc).__name__}: {str(exc)[:200]}). Download "
+                "https://dl.fbaipublicfiles.com/audiobox-aesthetics/checkpoint.pt and set "
+                "aesthetics.checkpoint to its path.") from exc
+    return model.to(device).eval()
+
+
+def build_tiny(path: Path) -> None:
+    """Tiny twin: AesMultiOutput with a 2-layer, 32-wide WavLM and random weights, saved
+    as path/checkpoint.pt in the released format (plus model_cfg["wavlm_cfg"])."""
+    wavlm_cfg = {
+        "extractor_mode": "default", "encoder_layers": 2, "encoder_embed_dim": 32,
+        "encoder_ffn_embed_dim": 64, "encoder_attention_heads": 2, "activation_fn": "gelu",
+        "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+        "encoder_layerdrop": 0.0, "dropout_input": 0.0, "dropout_features": 0.0,
+        "layer_norm_first": False,
+        # same strides as the real extractor (320 samples per frame), narrower channels
+        "conv_feature_layers": "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2",
+        "conv_bias": False, "feature_grad_mult": 0.1, "mask_prob": 0.0, "conv_pos": 16,
+        "conv_pos_groups": 4, "relative_position_embedding": True, "num_buckets": 32,
+        "max_distance": 100, "gru_rel_pos": True, "normalize": False,
+    }
+    model_cfg = {"proj_num_layer": 1, "proj_ln": False, "proj_act_fn": "gelu", "proj_dropout": 0.0,
+                 "nth_layer": wavlm_cfg["encoder_layers"] + 1, "use_weighted_layer_sum": True,
+                 "precision": "32", "normalize_embed": True, "output_dim": 1, "wavlm_cfg": wavlm_cfg}
+    target_transform = {"CE": {"mean": 5.6, "std": 1.3}, "CU": {"mean": 6.4, "std": 1.2},
+                        "PC": {"mean": 4.6, "std": 1.6}, "PQ": {"mean": 6.6, "std": 1.1}}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _construct(model_cfg, target_transform)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "model_cfg": model_cfg, "target_transform": target_transform},
+               Path(path) / CHECKPOINT_NAME)
+
+
+def window_starts(n_samples: int, window: int, hop: int) -> range:
+    """Window start offsets as the reference inference lays them (every hop from 0)."""
+    return range(0, max(n_samples, 1), hop)
+
+
+class AestheticsStage(Stage):
+    name = "aesthetics"
+    version = "1"
+    inputs = ("probe",)
+    schema = AESTHETICS_SCHEMA
+    uses_gpu = True
+
+    def setup(self) -> None:
+        cfg = self.cfg.aesthetics
+        self.device = resolve_device(self.cfg.device)
+        self.model = load_model(resolve_checkpoint(cfg.checkpoint, self.cfg.models.tiny_dir), self.device)
+        if cfg.precision != "checkpoint":
+            dtypes = {"32": torch.float32, "16": torch.float16, "bf16": torch.bfloat16}
+            self.model.precision = dtypes[cfg.precision]
+            self.model.enable_autocast = cfg.precision != "32"
+        tt = self.model.target_transform
+        self.mean = torch.tensor([float(tt[a]["mean"]) for a in AXES])
+        self.std = torch.tensor([float(tt[a]["std"]) for a in AXES])
+        self.live = re.compile(cfg.live_pattern) if cfg.reject_live else None
+
+    def _windows(self, tracks: list[dict], rows: list[dict]) -> Iterator[tuple[int, np.ndarray]]:
+        """(track index, window samples) for every window of every readable track; tracks the
+        loader refuses get their reject row here. One track's audio is held at a time."""
+        cfg = self.cfg.aesthetics
+        win, hop = int(round(cfg.window_s * SAMPLE_RATE)), int(round(cfg.hop_s * SAMPLE_RATE))
+        for i, track in enumerate(tracks):
+            if self.live is not None:
+                uri = track.get("uri") or audio.display_path(track["uri_raw"])
+                hit = self.live.search(uri)
+                if hit:
+                    rows[i].update(status=STATUS_REJECTED,
+                                   reason=f"live_recording: path matches {hit.group(0).strip()!r}")
+                    continue
+            try:
+                wav = audio.load_track(track, SAMPLE_RATE, 1, self.cfg.audio)[0]
+            except audio.AudioError as exc:
+                rows[i].update(status=STATUS_REJECTED, reason=exc.reason)
+                continue
+            for start in window_starts(len(wav), win, hop):
+                yield i, wav[start:start + win]
+
+    @torch.inference_mode()
+    def _score(self, batch: list[np.ndarray]) -> torch.Tensor:
+        """(B, 4) de-normalised scores of a batch of windows, padded to the window length."""
+        win = int(round(self.cfg.aesthetics.window_s * SAMPLE_RATE))
+        wav = torch.zeros(len(batch), 1, win)
+        mask = torch.zeros(len(batch), 1, win, dtype=torch.bool)
+        for b, w in enumerate(batch):
+            wav[b, 0, :len(w)] = torch.from_numpy(w)
+            mask[b, 0, :len(w)] = True
+        preds = self.model({"wav": wav.to(self.device), "mask": mask.to(self.device)})
+        out = torch.stack([preds[a].float().cpu() for a in AXES], dim=1)  # (B, 4)
+        return out * self.std + self.mean
+
+    def process(self, tracks: list[dict]) -> list[dict]:
+        cfg = self.cfg.aesthetics
+        win = int(round(cfg.window_s * SAMPLE_RATE))
+        rows = [{"track_id": t["track_id"], "status": STATUS_OK, "reason": None} for t in tracks]
+        weighted = np.zeros((len(tracks), len(AXES)))
+        weights = np.zeros(len(tracks))
+        counts = np.zeros(len(tracks), dtype=np.int32)
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> None:
+            scores = self._score([w for _, w in pending]).double().numpy()
+            for (i, w), s in zip(pending, scores):
+                weight = len(w) / win  # the reference's length weighting
+                weighted[i] += s * weight
+                weights[i] += weight
+                counts[i] += 1
+            pending.clear()
+
+        for item in self._windows(tracks, rows):
+            pending.append(item)
+            if len(pending) >= cfg.batch_size:
+                flush()
+        if pending:
+            flush()
+
+        limits = cfg.thresholds()
+        for i, row in enumerate(rows):
+            if row["status"] != STATUS_OK:
+                continue
+            if weights[i] <= 0:
+                row.update(status=STATUS_REJECTED, reason="empty: no audio window to score")
+                continue
+            scores = weighted[i] / weights[i]
+            if not np.isfinite(scores).all():
+                row.update(status=STATUS_ERROR, reason="exception: the aesthetics model returned "
+                           "NaN/Inf scores (check aesthetics.precision)")
+                continue
+            row.update({a.lower(): float(s) for a, s in zip(AXES, scores)}, windows=int(counts[i]))
+            failing = [f"{a} {s:.2f} < {limits[a]:g}" for a, s in zip(AXES, scores)
+                       if a in limits and s < limits[a]]
+            if failing:
+                row.update(status=STATUS_REJECTED, reason="low_aesthetics: " + ", ".join(failing))
+        return rows
+
+
+STAGE = AestheticsStage
