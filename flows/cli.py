@@ -50,10 +50,10 @@ def print_summary(summary: dict) -> None:
     print(f"kept        {summary['ok']}   rejected {summary['rejected']}   error {summary['error']}")
     for reason, n in summary["by_reason"].items():
         print(f"  {n:5d}  {reason}")
-    print("\nstage          run  skip     ok  rej  err    secs  reasons")
+    print("\nstage          run  skip     ok  rej  err    secs  partitions run  reasons")
     for s in summary["stages"]:
         print(f"{s['stage']:<13} {s['partitions_run']:4d} {s['partitions_skipped']:5d} {s['ok']:6d} "
-              f"{s['rejected']:4d} {s['error']:4d} {s['seconds']:7.1f}  {s['reasons']}")
+              f"{s['rejected']:4d} {s['error']:4d} {s['seconds']:7.1f}  {s['ran'] or '-':<14}  {s['reasons']}")
     print(f"\ntime        {summary['seconds']:.1f} s")
 
 

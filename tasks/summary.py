@@ -35,13 +35,15 @@ def stage_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of the per-stage summary artifact: stage, partitions run/skipped, counts, reasons."""
     by_stage: dict[str, dict[str, Any]] = defaultdict(lambda: {
         "run": 0, "skipped": 0, "ok": 0, "rejected": 0, "error": 0, "seconds": 0.0,
-        "reasons": Counter()})
+        "reasons": Counter(), "ran": []})
     order: list[str] = []
     for r in results:
         if r["stage"] not in by_stage:
             order.append(r["stage"])
         s = by_stage[r["stage"]]
         s["skipped" if r["skipped"] else "run"] += 1
+        if not r["skipped"] and r.get("partition", -1) >= 0:
+            s["ran"].append(r["partition"])
         for k in ("ok", "rejected", "error"):
             s[k] += r[k]
         s["seconds"] += r.get("seconds", 0.0)
@@ -50,8 +52,22 @@ def stage_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "partitions_skipped": by_stage[name]["skipped"], "ok": by_stage[name]["ok"],
              "rejected": by_stage[name]["rejected"], "error": by_stage[name]["error"],
              "seconds": round(by_stage[name]["seconds"], 2),
+             "ran": ranges(by_stage[name]["ran"]),
              "reasons": ", ".join(f"{k}={v}" for k, v in sorted(by_stage[name]["reasons"].items()))}
             for name in order]
+
+
+def ranges(parts: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8': which partitions a run (re)did, for a person."""
+    parts = sorted(set(parts))
+    out, i = [], 0
+    while i < len(parts):
+        j = i
+        while j + 1 < len(parts) and parts[j + 1] == parts[j] + 1:
+            j += 1
+        out.append(str(parts[i]) if i == j else f"{parts[i]}-{parts[j]}")
+        i = j + 1
+    return ",".join(out)
 
 
 def outcome_counts(outcomes: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -105,3 +105,43 @@ def test_dask_runner_gives_the_same_outputs(prefect_harness, synth_corpus, tmp_p
     for path in sorted((tmp_path / "threads" / "stages").rglob("part-*.parquet")):
         twin = tmp_path / "dask" / path.relative_to(tmp_path / "threads")
         assert pq.read_table(path).equals(pq.read_table(twin)), path
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_loss_or_duplicates(synth_corpus, tmp_path, tiny_models_dir):
+    """Kill `acepipe run` once some partitions are done; the rerun redoes only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", "tiny", "--work", str(work),
+           "--source", str(synth_corpus / "audio"), "--set", "ingest.partition_size=1",
+           "--set", f"models.tiny_dir={tiny_models_dir}", "--json"]
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((work / "stages").rglob("part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name for p in (work / "stages").rglob("part-*.parquet")}
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    total_parts = summary["partitions"]
+    probe = next(s for s in summary["stages"] if s["stage"] == "probe")
+    assert probe["partitions_skipped"] >= len(done_before) >= 1
+    assert probe["partitions_run"] + probe["partitions_skipped"] == total_parts
+    ids = [
+        tid for p in sorted((work / "catalog").glob("part-*.parquet"))
+        for tid in pq.read_table(p).column("track_id").to_pylist()]
+    assert len(ids) == len(set(ids)) == summary["tracks"]
+    assert summary["tracks"] == summary["ok"] + summary["rejected"] + summary["error"]
+    truth = json.loads((synth_corpus / "ground_truth.json").read_text())
+    assert summary["tracks"] == sum(1 for s in truth["songs"] if s["kind"] != "duplicate")
