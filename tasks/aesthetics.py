@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -44,7 +45,9 @@ def _construct(model_cfg: dict, target_transform: dict):
     from audiobox_aesthetics.model.wavlm import WavLMConfig
 
     kwargs = {k: model_cfg[k] for k in MODEL_CFG_KEYS if k in model_cfg}
-    with _CONSTRUCT_LOCK:
+    with _CONSTRUCT_LOCK, warnings.catch_warnings():
+        # the package's WavLM still uses torch.nn.utils.weight_norm; nothing for us to act on
+        warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated", category=FutureWarning)
         default = aes.DEFAULT_AUDIO_CFG
         if model_cfg.get("wavlm_cfg"):
             aes.DEFAULT_AUDIO_CFG = WavLMConfig(dict(model_cfg["wavlm_cfg"]))
@@ -68,6 +71,9 @@ def load_model(ref: str, device: torch.device | str = "cpu"):
         state = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}
         model = _construct(ckpt["model_cfg"], ckpt["target_transform"])
         model.load_state_dict(state)
+    elif ref.startswith(("/", ".", "~")) or ref.endswith((".pt", ".pth", ".ckpt")):
+        raise RuntimeError(f"aesthetics.checkpoint={ref!r}: no such file (nor a directory holding "
+                           f"{CHECKPOINT_NAME}); fix the path or use the hub id facebook/audiobox-aesthetics")
     else:
         from audiobox_aesthetics.model.aes import AesMultiOutput
 
