@@ -1,9 +1,90 @@
 """Config model and output schema of the caption stage (see tasks/caption.py)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.common import stage_schema
+
+# Qwen2.5-Omni's own system prompt: the model was tuned with it, and its processor warns
+# when it is changed.
+QWEN_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+                      "perceiving auditory and visual inputs, as well as generating text and speech.")
+
+CAPTION_PROMPT = (
+    "Listen to this piece of music and caption it for a music dataset. Reply with one JSON object "
+    "and nothing else, with these keys:\n"
+    '"description": two or three sentences on what is heard (instruments, vocals, arrangement) and its mood;\n'
+    '"genre": a list of genres; "instruments": a list of the instruments heard; '
+    '"vocals": a list describing the voices (e.g. "female vocals", "choir"), or ["instrumental"] if there are none; '
+    '"mood": a list of mood words; "tags": a list of any other short descriptive phrases.\n'
+    'Example: {"description": "An upbeat pop song with bright synths and a female singer.", '
+    '"genre": ["pop"], "instruments": ["synthesizer", "drums"], "vocals": ["female vocals"], '
+    '"mood": ["happy", "energetic"], "tags": ["dance"]}'
+)
+
+TAG_SYNONYMS = {
+    "hip hop": "hip-hop", "hiphop": "hip-hop", "rap music": "rap",
+    "rnb": "r&b", "r and b": "r&b", "rhythm and blues": "r&b",
+    "edm": "electronic dance music", "electronica": "electronic",
+    "drum kit": "drums", "drum set": "drums", "drumkit": "drums",
+    "synth": "synthesizer", "synths": "synthesizer", "keys": "keyboard",
+    "e-guitar": "electric guitar", "acoustic guitars": "acoustic guitar", "guitars": "guitar",
+    "vocal": "vocals", "vox": "vocals", "male vocal": "male vocals", "female vocal": "female vocals",
+    "male voice": "male vocals", "female voice": "female vocals", "male singer": "male vocals",
+    "female singer": "female vocals",
+    "no vocals": "instrumental", "none": "instrumental", "no vocal": "instrumental",
+    "sad mood": "sad", "melancholic": "melancholy",
+}
 
 
 class CaptionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     enabled: bool = True
+    backend: Literal["transformers", "openai"] = Field(
+        "transformers", description="transformers: the Qwen2.5-Omni thinker in this process; openai: an "
+        "OpenAI-compatible chat-completions server with audio input (e.g. vLLM serving Qwen2.5-Omni)")
+    # transformers backend
+    checkpoint: str = Field("Qwen/Qwen2.5-Omni-7B", description="Qwen2.5-Omni checkpoint: local directory, "
+                            "hub id, or tiny:qwen_omni. Only the thinker (text output) is loaded")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
+    attn_implementation: str | None = Field(None, description="transformers attention kernel "
+                                            "(null: sdpa; flash_attention_2 if installed)")
+    batch_size: int = Field(8, ge=1, description="tracks per generate() call (or concurrent requests)")
+    # both backends
+    clip_s: float = Field(30.0, gt=0, description="seconds of audio the model hears, from the middle "
+                          "of the track (the whole track when shorter)")
+    system_prompt: str = Field(QWEN_SYSTEM_PROMPT, description="system message")
+    prompt: str = Field(CAPTION_PROMPT, description="user instruction after the audio; it must ask for JSON "
+                        "or Description:/Genre:/Instruments:/Vocals:/Mood:/Tags: lines (what the parser reads)")
+    max_new_tokens: int = Field(256, ge=1, description="generation cap per track")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy (reproducible); >0 samples")
+    # openai backend
+    url: str = Field("http://127.0.0.1:8000/v1", description="base URL of the chat-completions server")
+    served_model: str = Field("Qwen/Qwen2.5-Omni-7B", description="model name sent in requests")
+    timeout_s: float = Field(120.0, gt=0, description="per-request timeout; a timeout or 5xx retries the "
+                             "partition (Prefect back-off)")
+    api_key: str | None = Field(None, description="bearer token for the server, if it wants one")
+    # parsing
+    synonyms: dict[str, str] = Field(default_factory=lambda: dict(TAG_SYNONYMS),
+                                     description="tag phrase -> canonical phrase, applied after lower-casing")
+    max_tags: int = Field(32, ge=1, description="keep at most this many tags per track")
+    max_tag_words: int = Field(4, ge=1, description="longer phrases are dropped from the tags")
+
+
+CAPTION_SCHEMA = stage_schema(
+    pa.field("description", pa.string()),
+    pa.field("tags", pa.list_(pa.string())),         # every phrase below, normalised, plus BPM/key words
+    pa.field("genre", pa.list_(pa.string())),
+    pa.field("instruments", pa.list_(pa.string())),
+    pa.field("vocals", pa.list_(pa.string())),       # e.g. ["female vocals"] or ["instrumental"]
+    pa.field("mood", pa.list_(pa.string())),
+    pa.field("clip_start", pa.float32()),            # seconds: where the heard clip starts
+    pa.field("clip_s", pa.float32()),                # seconds heard
+    pa.field("raw", pa.string()),                    # the model's text, always kept for debugging
+    pa.field("backend", pa.string()),                # transformers | openai
+    pa.field("model", pa.string()),                  # checkpoint or served model name
+)

@@ -1,0 +1,338 @@
+"""Caption stage (DAG step 5): Qwen2.5-Omni describes each kept track, in words and tags.
+
+Runs on tracks that aesthetics kept, after rhythm (its BPM and key phrases are merged into
+the tags). The model hears caption.clip_s seconds from the middle of the track (16 kHz
+mono from our loader) and answers caption.prompt; `parse_caption` reads a JSON object or
+`Description:/Genre:/...` lines from its text, and the phrases are normalised into tags.
+Two backends give the same rows:
+  - transformers: the Qwen2.5-Omni *thinker* only (text out; the talker and token2wav are
+    never built) with its processor, batched generate() in this process;
+  - openai: an OpenAI-compatible chat-completions server with audio input, as teams serve
+    Qwen-Omni with vLLM (tasks/caption_http.py; tasks/caption_server.py serves our adapter).
+Reason codes beyond schemas.common.REASONS:
+  - malformed_caption: the model's text has no usable description or tags (raw kept);
+  - server_rejected: the server refused the request (HTTP 4xx); timeouts and 5xx are not
+    rows but TransientError, so Prefect retries the partition.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from transformers import Qwen2_5OmniProcessor
+
+from schemas.caption import CAPTION_SCHEMA, CaptionConfig
+from schemas.common import STATUS_ERROR, STATUS_OK, STATUS_REJECTED
+from tasks import audio
+from tasks.models import resolve_checkpoint, resolve_device
+from tasks.stage import Stage
+
+SAMPLE_RATE = 16000          # the processor's WhisperFeatureExtractor rate
+LIST_FIELDS = ("genre", "instruments", "vocals", "mood", "tags")
+# what models write instead of our key names
+FIELD_ALIASES = {"caption": "description", "summary": "description", "genres": "genre",
+                 "instrument": "instruments", "instrumentation": "instruments", "vocal": "vocals",
+                 "voice": "vocals", "voices": "vocals", "moods": "mood", "tag": "tags", "keywords": "tags"}
+# Token ids of the released tokenizer that the thinker's config refers to.
+VISION_START_TOKEN_ID = 151652
+
+
+# ---- parsing the model's text --------------------------------------------------------------
+
+class MalformedCaption(ValueError):
+    """The model's text holds no usable caption; the message says what was missing."""
+
+
+def _field(name: str) -> str:
+    name = re.sub(r"[\s_]+", "_", name.strip().lower())
+    return FIELD_ALIASES.get(name, name)
+
+
+def _json_object(text: str) -> dict | None:
+    """The first JSON object in the text that has a caption key (fences and chatter around it are fine)."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            obj, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            obj = {_field(str(k)): v for k, v in obj.items()}
+            if "description" in obj or any(k in obj for k in LIST_FIELDS):
+                return obj
+    return None
+
+
+_LABEL = re.compile(r"^[\s>*#-]*\**\s*([A-Za-z_ ]{3,20}?)\s*\**\s*:\s*(.*)$")
+
+
+def _labelled_lines(text: str) -> dict | None:
+    """`Description: ...` / `Tags: a, b` lines; a description may run on over following lines."""
+    found: dict = {}
+    last = None
+    for line in text.splitlines():
+        m = _LABEL.match(line)
+        key = _field(m.group(1)) if m else None
+        if key in ("description", *LIST_FIELDS):
+            found[key] = m.group(2).strip()
+            last = key
+        elif last == "description" and line.strip():
+            found["description"] += " " + line.strip()
+        else:
+            last = None
+    return found or None
+
+
+def _phrases(value, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [p for p in re.split(r"[,;\n]|\s+/\s+", value) if p.strip()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [str(value)]
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                       for v in value):
+        return [str(v) for v in value]
+    raise MalformedCaption(f"{key!r} is a {type(value).__name__}, not a list of phrases")
+
+
+def parse_caption(text: str) -> dict:
+    """{'description': str, 'genre': [...], 'instruments', 'vocals', 'mood', 'tags'} from the
+    model's answer: a JSON object (bare, fenced, or amid chatter) or labelled lines.
+    Raises MalformedCaption when there is no description or no phrase at all."""
+    obj = _json_object(text) or _labelled_lines(text)
+    if obj is None:
+        raise MalformedCaption("no JSON object and no 'Description:' line")
+    description = obj.get("description")
+    if not isinstance(description, str) or not description.strip():
+        raise MalformedCaption("no description")
+    parsed = {"description": " ".join(description.split())}
+    for key in LIST_FIELDS:
+        parsed[key] = _phrases(obj.get(key), key)
+    if not any(parsed[k] for k in LIST_FIELDS):
+        raise MalformedCaption("no genre, instruments, vocals, mood or tags")
+    return parsed
+
+
+def normalise_tags(phrases: list[str], synonyms: dict[str, str] | None = None,
+                   max_words: int = 4) -> list[str]:
+    """Lower-case, trimmed, one space between words, synonyms mapped, duplicates dropped (order kept)."""
+    synonyms = synonyms or {}
+    out: list[str] = []
+    for phrase in phrases:
+        tag = " ".join(str(phrase).replace("_", " ").lower().split()).strip(" \"'`.,;:!?()[]{}*#-")
+        tag = synonyms.get(tag, tag)
+        if tag and len(tag.split()) <= max_words and tag not in out:
+            out.append(tag)
+    return out
+
+
+def caption_fields(raw: str, rhythm: dict | None, cfg: CaptionConfig) -> dict:
+    """The stage's fields for one track from the model's text (MalformedCaption if unusable)."""
+    parsed = parse_caption(raw)
+    fields = {"description": parsed["description"]}
+    for key in LIST_FIELDS:
+        fields[key] = normalise_tags(parsed[key], cfg.synonyms, cfg.max_tag_words)
+    rhythm = rhythm or {}
+    musical = normalise_tags([p for p in (rhythm.get("tempo_phrase"), rhythm.get("key_phrase")) if p])
+    heard = normalise_tags([t for k in LIST_FIELDS for t in fields[k]], max_words=cfg.max_tag_words)
+    heard = [t for t in heard if t not in musical][:max(cfg.max_tags - len(musical), 0)]
+    fields["tags"] = heard + musical
+    return fields
+
+
+# ---- the transformers backend: Qwen2.5-Omni thinker + processor -----------------------------
+
+class AudioOmniProcessor(Qwen2_5OmniProcessor):
+    """Qwen2_5OmniProcessor without its image and video processors.
+
+    The released processor also loads a Qwen2-VL video processor, which needs torchvision
+    (not installed here: it is pinned to torch builds we do not use). Captioning audio needs
+    only the tokenizer, the WhisperFeatureExtractor and the chat template; the inherited
+    __call__ reads the vision processors' merge_size alone, and only for image/video tokens.
+    """
+    attributes = ["feature_extractor", "tokenizer"]
+
+    def __init__(self, feature_extractor=None, tokenizer=None, chat_template=None, **kwargs):
+        super(Qwen2_5OmniProcessor, self).__init__(feature_extractor, tokenizer, chat_template=chat_template)
+        self.image_processor = self.video_processor = SimpleNamespace(merge_size=2)
+        for name in ("image_token", "audio_token", "video_token", "vision_bos_token", "vision_eos_token",
+                     "audio_bos_token", "audio_eos_token"):
+            setattr(self, name, getattr(tokenizer, name))
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool               # ended with an end-of-turn token (not cut by max_new_tokens)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def thinker_config(ref: str):
+    """The thinker's config from a full Qwen2.5-Omni checkpoint (or a thinker-only one)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ref)
+    config = getattr(config, "thinker_config", config)
+    if getattr(config, "vision_start_token_id", None) is None:
+        # read by the position-id code of every forward; some configs leave it out
+        config.vision_start_token_id = VISION_START_TOKEN_ID
+    return config
+
+
+class OmniThinker:
+    """Qwen2.5-Omni's thinker and processor: 16 kHz clips and prompts in, text out.
+
+    `ref` is a checkpoint directory or hub id of the full model; from_pretrained strips the
+    `thinker.` prefix and leaves the talker/token2wav weights unread.
+    """
+
+    def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: str = "auto",
+                 attn_implementation: str | None = None):
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        self.device = torch.device(device)
+        self.ref = ref
+        try:
+            self.processor = AudioOmniProcessor.from_pretrained(ref)
+            self.model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+                ref, config=thinker_config(ref), dtype=_dtype(dtype, self.device),
+                attn_implementation=attn_implementation).to(self.device).eval()
+        except OSError as exc:
+            raise RuntimeError(f"caption.checkpoint={ref!r}: no Qwen2.5-Omni checkpoint there and it could not "
+                               f"be downloaded ({str(exc)[:200]}); set caption.checkpoint to a local copy of "
+                               "Qwen/Qwen2.5-Omni-7B or to tiny:qwen_omni") from exc
+        self.end_ids = {self.processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+
+    def _text(self, system: str, prompt: str) -> str:
+        conversation = [{"role": "system", "content": [{"type": "text", "text": system}]},
+                        {"role": "user", "content": [{"type": "audio", "audio": "clip"},
+                                                     {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    @torch.no_grad()
+    def generate(self, clips: list[np.ndarray], prompts: list[str], system: str | list[str],
+                 max_new_tokens: int, temperature: float = 0.0) -> list[Generation]:
+        """One answer per (clip, prompt); the batch is left-padded and generated together."""
+        systems = [system] * len(clips) if isinstance(system, str) else system
+        texts = [self._text(s, p) for s, p in zip(systems, prompts)]
+        longest = max(len(c) for c in clips)
+        inputs = self.processor(text=texts, audio=list(clips), padding=True, return_tensors="pt",
+                                audio_kwargs={"max_length": longest, "sampling_rate": SAMPLE_RATE})
+        inputs = inputs.to(self.device)
+        inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        pad = self.processor.tokenizer.pad_token_id
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                  eos_token_id=sorted(self.end_ids), **sampling)
+        prompt_len = inputs["input_ids"].shape[1]
+        results = []
+        for i, row in enumerate(out[:, prompt_len:].tolist()):
+            ended = next((j for j, t in enumerate(row) if t in self.end_ids), None)
+            tokens = row if ended is None else row[:ended]
+            results.append(Generation(
+                text=self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                prompt_tokens=int(inputs["attention_mask"][i].sum()), completion_tokens=len(tokens),
+                finished=ended is not None))
+        return results
+
+
+def build_tiny(path: Path) -> None:
+    """Tiny twin of Qwen2.5-Omni-7B in the released layout: config.json (model_type
+    qwen2_5_omni, enable_audio_output false), thinker.* weights, a tokenizer and a
+    preprocessor_config.json. Written by tasks.caption_twin (see there)."""
+    from tasks.caption_twin import write_twin
+
+    write_twin(Path(path))
+
+
+# ---- the stage ------------------------------------------------------------------------------
+
+def clip_window(duration: float, clip_s: float) -> tuple[float, float]:
+    """(start, seconds) of the clip the model hears: the middle clip_s seconds."""
+    seconds = min(clip_s, duration)
+    return max((duration - seconds) / 2.0, 0.0), seconds
+
+
+class CaptionStage(Stage):
+    name = "caption"
+    version = "1"
+    inputs = ("aesthetics", "rhythm")
+    schema = CAPTION_SCHEMA
+    uses_gpu = True
+
+    def fingerprint(self) -> dict:
+        # how the server is reached does not change what it says
+        found = super().fingerprint()
+        for key in ("timeout_s", "api_key", "url"):
+            (found["section"] or {}).pop(key, None)
+        return found
+
+    def setup(self) -> None:
+        cfg: CaptionConfig = self.cfg.caption
+        if cfg.backend == "openai":
+            from tasks.caption_http import ChatEndpoint
+
+            self.backend = ChatEndpoint(cfg)
+            self.model_name = cfg.served_model
+        else:
+            device = resolve_device(self.cfg.device)
+            ref = resolve_checkpoint(cfg.checkpoint, self.cfg.models.tiny_dir)
+            self.backend = OmniThinker(ref, device, cfg.dtype, cfg.attn_implementation)
+            self.model_name = cfg.checkpoint
+
+    def _answers(self, clips: list[np.ndarray]) -> list[str | Exception]:
+        cfg: CaptionConfig = self.cfg.caption
+        if cfg.backend == "openai":
+            return self.backend.caption(clips)
+        gens = self.backend.generate(clips, [cfg.prompt] * len(clips), cfg.system_prompt,
+                                     cfg.max_new_tokens, cfg.temperature)
+        return [g.text for g in gens]
+
+    def _row(self, track: dict, answer: str | Exception) -> dict:
+        cfg: CaptionConfig = self.cfg.caption
+        row = {"track_id": track["track_id"], "backend": cfg.backend, "model": self.model_name}
+        if isinstance(answer, Exception):
+            return {**row, "status": STATUS_ERROR, "reason": f"server_rejected: {str(answer)[:300]}"}
+        row["raw"] = answer
+        try:
+            fields = caption_fields(answer, track.get("rhythm"), cfg)
+        except MalformedCaption as exc:
+            return {**row, "status": STATUS_REJECTED, "reason": f"malformed_caption: {exc}"}
+        return {**row, **fields, "status": STATUS_OK, "reason": None}
+
+    def process(self, tracks: list[dict]) -> list[dict]:
+        cfg: CaptionConfig = self.cfg.caption
+        rows: dict[str, dict] = {}
+        for b in range(0, len(tracks), cfg.batch_size):
+            batch, clips = [], []
+            for track in tracks[b:b + cfg.batch_size]:
+                start, seconds = clip_window(float(track["duration"]), cfg.clip_s)
+                try:
+                    clip = audio.load_track(track, SAMPLE_RATE, 1, self.cfg.audio, start, seconds)[0]
+                except audio.AudioError as exc:
+                    rows[track["track_id"]] = {"track_id": track["track_id"], "status": STATUS_REJECTED,
+                                               "reason": exc.reason, "backend": cfg.backend}
+                    continue
+                batch.append((track, start, len(clip) / SAMPLE_RATE))
+                clips.append(clip)
+            if not clips:
+                continue
+            for (track, start, seconds), answer in zip(batch, self._answers(clips)):
+                rows[track["track_id"]] = {**self._row(track, answer), "clip_start": start, "clip_s": seconds}
+        return [rows[t["track_id"]] for t in tracks]
+
+
+STAGE = CaptionStage
