@@ -68,7 +68,7 @@ def _json_object(text: str) -> dict | None:
     return None
 
 
-_LABEL = re.compile(r"^[\s>*#-]*\**\s*([A-Za-z_ ]{3,20}?)\s*\**\s*:\s*(.*)$")
+_LABEL = re.compile(r"^[\s>*#-]*([A-Za-z_ ]{3,20}?)\s*\**\s*:\s*\**\s*(.*)$")  # '- **Genre:** x'
 
 
 def _labelled_lines(text: str) -> dict | None:
@@ -92,12 +92,12 @@ def _phrases(value, key: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
-        return [p for p in re.split(r"[,;\n]|\s+/\s+", value) if p.strip()]
+        return [p.strip() for p in re.split(r"[,;\n]|\s+/\s+", value) if p.strip()]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [str(value)]
     if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
                                        for v in value):
-        return [str(v) for v in value]
+        return [str(v).strip() for v in value]
     raise MalformedCaption(f"{key!r} is a {type(value).__name__}, not a list of phrases")
 
 
@@ -210,7 +210,7 @@ class OmniThinker:
             self.model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
                 ref, config=thinker_config(ref), dtype=_dtype(dtype, self.device),
                 attn_implementation=attn_implementation).to(self.device).eval()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not a path and not a valid hub id
             raise RuntimeError(f"caption.checkpoint={ref!r}: no Qwen2.5-Omni checkpoint there and it could not "
                                f"be downloaded ({str(exc)[:200]}); set caption.checkpoint to a local copy of "
                                "Qwen/Qwen2.5-Omni-7B or to tiny:qwen_omni") from exc
