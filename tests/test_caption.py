@@ -127,6 +127,16 @@ def test_generation_is_capped_by_max_new_tokens(twin):
     assert all(isinstance(g.text, str) for g in gens)
 
 
+def test_scoring_only_the_last_position_changes_no_answer(twin):
+    model = OmniThinker(twin, "cpu")
+    assert model.model.visual is None  # the vision tower is dropped after loading
+    clips = [np.random.default_rng(i).normal(0, 0.1, 16000 * s).astype(np.float32) for i, s in ((2, 4), (3, 7))]
+    fast = model.generate(clips, ["Describe it."] * 2, "You are a music critic.", max_new_tokens=8)
+    model.model.lm_head = model.model.lm_head.head  # the thinker's own head: logits for every position
+    full = model.generate(clips, ["Describe it."] * 2, "You are a music critic.", max_new_tokens=8)
+    assert [g.text for g in fast] == [g.text for g in full]
+
+
 # ---- the stage on synthetic songs ------------------------------------------------------------
 
 def test_every_song_gets_a_row_that_fits_the_schema_with_the_raw_text_kept(make_stage, songs):
