@@ -40,6 +40,10 @@ FIELD_ALIASES = {"caption": "description", "summary": "description", "genres": "
                  "voice": "vocals", "voices": "vocals", "moods": "mood", "tag": "tags", "keywords": "tags"}
 # Token ids of the released tokenizer that the thinker's config refers to.
 VISION_START_TOKEN_ID = 151652
+# The special tokens Qwen2_5OmniProcessor reads off its tokenizer, as released.
+PROCESSOR_TOKENS = {"image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+                    "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+                    "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
 
 
 # ---- parsing the model's text --------------------------------------------------------------
@@ -161,9 +165,8 @@ class AudioOmniProcessor(Qwen2_5OmniProcessor):
     def __init__(self, feature_extractor=None, tokenizer=None, chat_template=None, **kwargs):
         super(Qwen2_5OmniProcessor, self).__init__(feature_extractor, tokenizer, chat_template=chat_template)
         self.image_processor = self.video_processor = SimpleNamespace(merge_size=2)
-        for name in ("image_token", "audio_token", "video_token", "vision_bos_token", "vision_eos_token",
-                     "audio_bos_token", "audio_eos_token"):
-            setattr(self, name, getattr(tokenizer, name))
+        for name, token in PROCESSOR_TOKENS.items():  # tokenizers that do not name them get the released ones
+            setattr(self, name, getattr(tokenizer, name, None) or token)
 
 
 @dataclass

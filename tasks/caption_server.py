@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+from schemas.caption import QWEN_SYSTEM_PROMPT
 from schemas.config import AudioConfig
 from tasks import audio
 from tasks.caption import SAMPLE_RATE, OmniThinker
@@ -117,6 +118,7 @@ def parse_chat(body: dict, served_model: str, audio_cfg: AudioConfig, max_tokens
     if not isinstance(messages, list) or not messages:
         raise BadRequest(400, "messages must be a non-empty list")
     system = "\n".join(_text(m.get("content", "")) for m in messages if m.get("role") == "system")
+    system = system or QWEN_SYSTEM_PROMPT  # what the model was tuned with
     user = [m for m in messages if m.get("role") == "user"]
     if not user:
         raise BadRequest(400, "no user message")

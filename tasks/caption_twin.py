@@ -18,18 +18,15 @@ from pathlib import Path
 
 import torch
 
-VOCAB_SIZE = 151936          # rows of the released embedding (the tokenizer uses the first 151665)
+from tasks.caption import PROCESSOR_TOKENS  # tokenizer attributes Qwen2_5OmniProcessor reads
+
+VOCAB_SIZE = 151936          # rows of the released embedding (more than the tokenizer has: padding)
 FIRST_SPECIAL_ID = 151643
 SPECIAL_TOKENS = [           # in id order from 151643, as in the released tokenizer
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>",
     "<|vision_pad|>", "<|IMAGE|>", "<|VIDEO|>",
 ]
-PROCESSOR_TOKENS = {         # tokenizer attributes Qwen2_5OmniProcessor reads
-    "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
-    "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
-    "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
-}
 # Qwen2's pre-tokenizer split (words, single digits, punctuation runs, newlines, spaces).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
