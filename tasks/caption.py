@@ -156,7 +156,7 @@ class AudioOmniProcessor(Qwen2_5OmniProcessor):
     """Qwen2_5OmniProcessor without its image and video processors.
 
     The released processor also loads a Qwen2-VL video processor, which needs torchvision
-    (not installed here: it is pinned to torch builds we do not use). Captioning audio needs
+    (not installed here: each torchvision wheel is built for one exact torch). Captioning audio needs
     only the tokenizer, the WhisperFeatureExtractor and the chat template; the inherited
     __call__ reads the vision processors' merge_size alone, and only for image/video tokens.
     """

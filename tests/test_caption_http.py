@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -48,7 +49,8 @@ def server(twin):
     cmd = [sys.executable, "-m", "tasks.caption_server", "--checkpoint", twin, "--served-model", SERVED,
            "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--batch-size", "4",
            "--max-seconds", "300"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    log = tempfile.TemporaryFile(mode="w+")  # not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
@@ -57,7 +59,8 @@ def server(twin):
         deadline = time.monotonic() + STARTUP_S
         while not any("listening on" in ln for ln in lines):
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"caption server did not start (rc={proc.poll()}): {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                pytest.fail(f"caption server did not start (rc={proc.poll()}): {log.read()[-2000:]}")
             time.sleep(0.1)
         url = next(ln for ln in lines if "listening on" in ln).split("listening on ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
@@ -70,6 +73,7 @@ def server(twin):
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, 9)
                 proc.wait(timeout=10)
+        log.close()
 
 
 @pytest.fixture(scope="module")
