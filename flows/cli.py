@@ -8,6 +8,7 @@
     acepipe tiny-models DIR [NAME...]             build the tiny model twins
     acepipe pack|latents --config C --work W [--dataset NAME]   the pack and latents flows
     acepipe train --config configs/train/tiny.yaml --out DIR [--resume]
+    acepipe caption-server --checkpoint REF --port 8000    OpenAI-compatible caption endpoint
 """
 from __future__ import annotations
 
@@ -132,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--dataset", default="default", help="dataset name under manifest/ and shards/")
         p.set_defaults(func=lambda a, name=name: _call(f"flows.{name}:cli", a))
+
+    p = sub.add_parser("caption-server", help="OpenAI-compatible caption server over the Qwen-Omni adapter")
+    p.add_argument("server_args", nargs=argparse.REMAINDER, help="see python -m tasks.caption_server --help")
+    p.set_defaults(func=lambda a: _call("tasks.caption_server:main", a.server_args))
 
     p = sub.add_parser("train", help="train the DiT (same options as python -m model.train)")
     p.add_argument("train_args", nargs=argparse.REMAINDER)
