@@ -60,6 +60,7 @@ def print_summary(summary: dict) -> None:
 
 def cmd_run(args) -> int:
     from flows.curate import curate
+    from schemas.config import ConfigError
 
     params = _params(args)
     # Fail before Prefect starts: malformed config, missing source, unwritable work root.
@@ -69,6 +70,12 @@ def cmd_run(args) -> int:
 
     check_sources(cfg.sources)
     StageStore(cfg.work_root).check_writable()
+    from tasks.stage import check_stages, dag_order
+
+    try:
+        check_stages(cfg, dag_order(cfg.stages))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     summary = curate(params)
     if args.json:
         print(json.dumps(summary, indent=1))

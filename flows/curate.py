@@ -17,7 +17,7 @@ from flows.params import RunParams
 from flows.runners import task_runner_for
 from schemas.config import Config
 from tasks.ingest import IngestResult, check_sources, ingest
-from tasks.stage import dag_order, run_partition, stage_class, stage_keys
+from tasks.stage import check_stages, dag_order, run_partition, stage_class, stage_keys
 from tasks.store import StageStore
 from tasks.summary import outcome_counts, stage_table, track_outcomes
 
@@ -66,6 +66,7 @@ def curate(params: RunParams = RunParams()) -> dict:
     store = StageStore(cfg.work_root)
     store.check_writable()
     check_sources(cfg.sources)
+    check_stages(cfg, dag_order(cfg.stages))
     ingested = ingest_task(cfg)
     results = curate_stages.with_options(task_runner=task_runner_for(cfg.runner))(
         cfg, ingested.partitions)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.stages import (
     AestheticsConfig,
@@ -82,6 +82,13 @@ class Config(Strict):
     rhythm: RhythmConfig = RhythmConfig()
     pack: PackConfig = PackConfig()
     latents: LatentsConfig = LatentsConfig()
+
+    @model_validator(mode="after")
+    def _stages_have_their_inputs(self):
+        if "lyrics" in self.stages and not self.lyrics_db:
+            raise ValueError("stages include 'lyrics' but lyrics_db is not set: point lyrics_db at a "
+                             "Parquet/JSONL lyrics database or remove 'lyrics' from stages")
+        return self
 
 
 class ConfigError(ValueError):

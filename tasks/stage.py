@@ -55,6 +55,11 @@ class Stage:
         return {"section": section_dump(section) if section is not None else None,
                 "audio": section_dump(self.cfg.audio)}
 
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Raise ValueError naming what is missing (a database, a checkpoint path) before any
+        work starts. Called by the flow once per run; cheap."""
+
     def setup(self) -> None:
         """Load models. Called once per worker process, before the first partition."""
 
@@ -92,6 +97,11 @@ def stage_keys(cfg: Config, names: list[str] | None = None) -> dict[str, str]:
     for name in names if names is not None else cfg.stages:
         key_of(name)
     return keys
+
+
+def check_stages(cfg: Config, names: list[str]) -> None:
+    for name in names:
+        stage_class(name).check(cfg)
 
 
 def dag_order(names: list[str]) -> list[str]:

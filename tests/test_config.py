@@ -41,3 +41,8 @@ def test_malformed_yaml(tmp_path):
     bad.write_text("audio: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad, environ={})
+
+
+def test_lyrics_stage_without_a_database_is_refused_up_front():
+    with pytest.raises(ConfigError, match="lyrics_db"):
+        load_config("tiny", ["lyrics_db=null"], environ={})

@@ -22,8 +22,8 @@ def run_curate(cfg_overrides: list[str], work: Path, sources: list[str], config:
 
 
 @pytest.fixture
-def base_overrides(tiny_models_dir):
-    return [f"models.tiny_dir={tiny_models_dir}"]
+def base_overrides(tiny_models_dir, synth_corpus):
+    return [f"models.tiny_dir={tiny_models_dir}", f"lyrics_db={synth_corpus / 'lyrics.parquet'}"]
 
 
 def test_every_file_is_accounted_for(prefect_harness, synth_corpus, tmp_path, base_overrides):
@@ -38,6 +38,7 @@ def test_every_file_is_accounted_for(prefect_harness, synth_corpus, tmp_path, ba
     from schemas.config import load_config
 
     cfg = load_config("tiny", [f"work_root={tmp_path / 'work'}", *base_overrides], environ={})
+    assert "lyrics" in cfg.stages
     store = StageStore(cfg.work_root)
     order = dag_order(cfg.stages)
     outcomes = track_outcomes(store, order, stage_keys(cfg, order), store.catalog_partitions())
@@ -135,7 +136,8 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(synth_corpus, tmp_path,
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "flows.cli", "run", "--config", "tiny", "--work", str(work),
            "--source", str(synth_corpus / "audio"), "--set", "ingest.partition_size=1",
-           "--set", f"models.tiny_dir={tiny_models_dir}", "--json"]
+           "--set", f"models.tiny_dir={tiny_models_dir}", "--set", f"lyrics_db={synth_corpus / 'lyrics.parquet'}",
+           "--json"]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True)
