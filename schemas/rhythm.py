@@ -1,9 +1,63 @@
 """Config model and output schema of the rhythm stage (see tasks/rhythm.py)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.common import stage_schema
 
 
 class RhythmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     enabled: bool = True
+    beat_tracker: Literal["beat_this", "essentia"] = Field(
+        "beat_this", description="who gives beats and BPM: Beat This, or Essentia's RhythmExtractor2013 "
+        "(no weights); Essentia's BPM is recorded beside Beat This's either way")
+    checkpoint: str = Field("final0", description="Beat This checkpoint: a local .ckpt (or a directory "
+                            "holding one), a released name (final0, small0, ...), or tiny:beat_this")
+    batch_size: int = Field(4, ge=1, description="Beat This chunks per forward pass")
+    chunk_frames: int = Field(1500, ge=64, description="Beat This chunk length in frames (50 fps), as the reference")
+    border_frames: int = Field(6, ge=0, description="frames discarded at each chunk edge, as the reference")
+    float16: bool = Field(False, description="autocast Beat This to float16 on CUDA")
+    min_bpm: float = Field(40.0, gt=0, description="slowest tempo reported")
+    max_bpm: float = Field(250.0, gt=0, description="fastest tempo reported")
+    min_tempo_s: float = Field(6.0, ge=0, description="shorter tracks get no tempo (too few beats to trust)")
+    min_tempo_confidence: float = Field(
+        0.45, ge=0, le=1, description="below this BPM confidence (0-1) the track gets no tempo, with the reason")
+    key_profile: str = Field("edma", description="Essentia KeyExtractor profileType (edma, bgate, krumhansl, "
+                             "temperley, shaath, ...)")
+    min_key_s: float = Field(5.0, ge=0, description="shorter tracks get no key")
+    min_key_strength: float = Field(0.6, ge=0, le=1, description="below this KeyExtractor strength there is no key")
+    min_tonalness: float = Field(
+        0.25, ge=0, le=1, description="share of spectral energy in peaks (100-5000 Hz) below which the track "
+        "is too noisy for a key (noise scores ~0.02, tonal music 0.4-0.9)")
+    structure: bool = Field(True, description="segment the track into sections")
+    segment_kernel_beats: int = Field(8, ge=2, description="half-width of the checkerboard novelty kernel, in beats")
+    min_segment_beats: int = Field(6, ge=1, description="shortest section, in beats")
+    same_section: float = Field(0.75, ge=0, le=1, description="segment similarity above which two segments "
+                                "are the same section (repetition -> verse/chorus)")
+
+
+SEGMENT = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("label", pa.string())])
+
+RHYTHM_SCHEMA = stage_schema(
+    pa.field("bpm", pa.float64()),
+    pa.field("bpm_confidence", pa.float64()),
+    pa.field("tempo_source", pa.string()),            # beat_this | essentia
+    pa.field("essentia_bpm", pa.float64()),           # RhythmExtractor2013, octave-checked, always recorded
+    pa.field("essentia_confidence", pa.float64()),    # its own 0-5.32 scale
+    pa.field("beats", pa.list_(pa.float64())),
+    pa.field("downbeats", pa.list_(pa.float64())),
+    pa.field("meter", pa.int32()),
+    pa.field("key", pa.string()),
+    pa.field("scale", pa.string()),
+    pa.field("key_strength", pa.float64()),
+    pa.field("tonalness", pa.float64()),
+    pa.field("segments", pa.list_(SEGMENT)),
+    pa.field("tempo_phrase", pa.string()),
+    pa.field("key_phrase", pa.string()),
+    pa.field("no_tempo_reason", pa.string()),
+    pa.field("no_key_reason", pa.string()),
+)
