@@ -34,9 +34,9 @@ class RhythmConfig(BaseModel):
         0.25, ge=0, le=1, description="share of spectral energy in peaks (100-5000 Hz) below which the track "
         "is too noisy for a key (noise scores ~0.02, tonal music 0.4-0.9)")
     structure: bool = Field(True, description="segment the track into sections")
-    segment_kernel_beats: int = Field(8, ge=2, description="half-width of the checkerboard novelty kernel, in beats")
+    segment_kernel_beats: int = Field(6, ge=2, description="half-width of the checkerboard novelty kernel, in beats")
     min_segment_beats: int = Field(6, ge=1, description="shortest section, in beats")
-    same_section: float = Field(0.75, ge=0, le=1, description="segment similarity above which two segments "
+    same_section: float = Field(0.6, ge=0, le=1, description="segment similarity above which two segments "
                                 "are the same section (repetition -> verse/chorus)")
 
 
