@@ -17,6 +17,7 @@ A track without a trustworthy tempo or key keeps status ok with bpm/key null and
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,14 +92,18 @@ def metrical_level(beats: np.ndarray, env: np.ndarray, min_bpm: float, max_bpm: 
 
 
 def grid_stats(beats: np.ndarray) -> tuple[float | None, float]:
-    """(BPM from the median inter-beat interval, share of intervals within 10% of it)."""
+    """(BPM from the regular inter-beat intervals, share of intervals within 10% of the median)."""
     if len(beats) < 4:
         return None, 0.0
     ibi = np.diff(beats)
     med = float(np.median(ibi))
     if med <= 0:
         return None, 0.0
-    return 60.0 / med, float(np.mean(np.abs(ibi - med) <= REGULAR_TOL * med))
+    regular = np.abs(ibi - med) <= REGULAR_TOL * med
+    # The period is the slope of beat time over beat number, fitted over the regular
+    # intervals: it averages away the trackers' frame quantisation (~1% at 128 BPM).
+    slope = float(np.sum(ibi[regular]) / max(1, regular.sum()))
+    return 60.0 / slope, float(np.mean(regular))
 
 
 def meter_from_downbeats(beats: np.ndarray, downbeats: np.ndarray) -> int | None:
@@ -314,11 +319,11 @@ STAGE = RhythmStage
 
 # ---- acepipe analyze ----------------------------------------------------------------------
 
-def file_track(path: str) -> dict:
+def file_track(path: str | bytes) -> dict:
     """A catalog-like row for a plain file (what the stage reads), probed by the one loader."""
     info = audio.probe(path)
-    raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
-    return {"track_id": audio.display_path(path), "uri": audio.display_path(path), "uri_raw": raw,
+    raw = os.fsencode(path)
+    return {"track_id": audio.display_path(raw), "uri": audio.display_path(raw), "uri_raw": raw,
             "duration": info.duration, "sample_rate": info.sample_rate, "channels": info.channels,
             "codec": info.codec}
 

@@ -1,0 +1,205 @@
+"""Rhythm stage: tempo and key on generated songs with known answers (Essentia path), the Beat
+This twin through the real loader and the reference's chunking, bad input as explicit
+"no tempo"/"no key" with reasons, the caption phrases and `acepipe analyze`."""
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect as pyinspect
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soundfile as sf
+import torch
+
+from schemas.common import STATUS_OK, STATUS_REJECTED
+from schemas.config import load_config
+from schemas.rhythm import RHYTHM_SCHEMA
+from tasks.beat_model import BeatThisTracker, load_checkpoint
+from tasks.models import resolve_checkpoint
+from tasks.rhythm import RhythmStage, caption_phrases, cli_analyze, file_track
+from tasks.synth import SongSpec, pitch_class, render_song
+
+SR = 44100
+# Tempi at both ends of 60-200 BPM (where RhythmExtractor2013 alone makes octave errors), swing, 3/4.
+SPECS = [
+    SongSpec(bpm=64.0, key="C#", scale="major", timbre="organ", seed=1),
+    SongSpec(bpm=72.0, key="Bb", scale="minor", timbre="saw", seed=2),
+    SongSpec(bpm=100.0, key="E", scale="minor", timbre="pluck", swing=1 / 3, seed=3),
+    SongSpec(bpm=128.0, key="A", scale="minor", timbre="sine", seed=4),
+    SongSpec(bpm=144.0, key="G", scale="major", timbre="saw", beats_per_bar=3, seed=5),
+    SongSpec(bpm=182.0, key="F#", scale="minor", timbre="organ", seed=6),
+]
+
+
+def _cfg(tiny_dir, *overrides):
+    return load_config("tiny", [f"models.tiny_dir={tiny_dir}", *overrides], environ={})
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory) -> list[tuple[dict, SongSpec]]:
+    out = tmp_path_factory.mktemp("rhythm-songs")
+    rows = []
+    for i, spec in enumerate(SPECS):
+        path = out / f"song-{i}.wav"
+        sf.write(path, render_song(spec, SR), SR)
+        rows.append((file_track(str(path)), spec))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, dict]:
+    """Silence, white noise, a 1-second clip and free-tempo (rubato) tonal material."""
+    out = tmp_path_factory.mktemp("rhythm-bad")
+    rng = np.random.default_rng(0)
+    t = np.arange(SR * 20) / SR
+    free = np.zeros_like(t)
+    at = 0.0
+    while at < 19:   # notes of D major at irregular times: pitch, but no pulse
+        midi = 62 + [0, 2, 4, 5, 7, 9, 11][rng.integers(7)]
+        span = (t >= at) & (t < at + 1.5)
+        free[span] += np.sin(2 * np.pi * 440 * 2 ** ((midi - 69) / 12) * (t[span] - at)) * np.exp(-2 * (t[span] - at))
+        at += rng.uniform(0.15, 1.4)
+    audio = {
+        "silence": np.zeros(SR * 10, np.float32),
+        "noise": (rng.standard_normal(SR * 15) * 0.1).astype(np.float32),
+        "one_second": render_song(SPECS[3], SR)[SR * 4:SR * 5],
+        "free_tempo": (0.7 * free / np.abs(free).max()).astype(np.float32),
+    }
+    rows = {}
+    for name, y in audio.items():
+        sf.write(out / f"{name}.wav", y, SR)
+        rows[name] = file_track(str(out / f"{name}.wav"))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def essentia_stage(tiny_models_dir):
+    stage = RhythmStage(_cfg(tiny_models_dir, "rhythm.beat_tracker=essentia"))
+    stage.setup()
+    return stage
+
+
+@pytest.fixture(scope="module")
+def twin_stage(tiny_models_dir):
+    stage = RhythmStage(_cfg(tiny_models_dir, "rhythm.beat_tracker=beat_this", "rhythm.checkpoint=tiny:beat_this"))
+    stage.setup()
+    return stage
+
+
+def test_tempo_key_and_phrases_are_right_on_generated_songs(essentia_stage, songs):
+    rows = essentia_stage.process([t for t, _ in songs])
+    for row, (_, spec) in zip(rows, songs):
+        assert row["status"] == STATUS_OK
+        assert row["bpm"] == pytest.approx(spec.bpm, rel=0.04), (spec, row["no_tempo_reason"])
+        assert row["bpm_confidence"] >= 0.45
+        assert row["essentia_bpm"] == pytest.approx(spec.bpm, rel=0.04)
+        assert (pitch_class(row["key"]), row["scale"]) == (pitch_class(spec.key), spec.scale)
+        assert row["tempo_phrase"] == f"{round(row['bpm'])} BPM"
+        assert row["key_phrase"] == f"{row['key']} {spec.scale}"
+        beats = np.asarray(row["beats"])
+        assert 60 / np.median(np.diff(beats)) == pytest.approx(spec.bpm, rel=0.04)
+        assert set(row["downbeats"]) <= set(row["beats"])
+        assert row["segments"][0]["start"] == 0.0
+        assert row["segments"][-1]["end"] == pytest.approx(row["beats"][-1], abs=5.0)
+    meters = [r["meter"] for r in rows]
+    assert meters[4] == 3 and meters[3] == 4     # 3/4 told from 4/4 by the accents
+    pa.Table.from_pylist(rows, schema=RHYTHM_SCHEMA)   # rows fit the Arrow schema
+
+
+def test_bad_input_is_explicit_never_an_exception(essentia_stage, bad_files):
+    rows = dict(zip(bad_files, essentia_stage.process(list(bad_files.values()))))
+    assert rows["silence"]["status"] == STATUS_REJECTED and rows["silence"]["reason"].startswith("silent")
+    noise = rows["noise"]
+    assert noise["status"] == STATUS_OK and noise["bpm"] is None and noise["key"] is None
+    assert noise["no_tempo_reason"].startswith("low_confidence") and noise["bpm_confidence"] < 0.45
+    assert noise["no_key_reason"].startswith("not_tonal")
+    short = rows["one_second"]
+    assert short["bpm"] is None and short["no_tempo_reason"].startswith("too_short")
+    assert short["key"] is None and short["no_key_reason"].startswith("too_short")
+    free = rows["free_tempo"]
+    assert free["bpm"] is None and free["tempo_phrase"] is None
+    assert free["no_tempo_reason"].split(":")[0] in {"low_confidence", "few_beats"}
+    assert free["tonalness"] > 0.25      # pitched material: the key gate is strength, not noise
+    pa.Table.from_pylist(list(rows.values()), schema=RHYTHM_SCHEMA)
+
+
+def test_caption_phrases():
+    assert caption_phrases(127.6, "A", "minor") == ["128 BPM", "A minor"]
+    assert caption_phrases(None, "F#", "major") == ["F# major"]
+    assert caption_phrases(90.0, None, None) == ["90 BPM"]
+    assert caption_phrases(None, None, None) == []
+
+
+def test_twin_is_a_released_format_checkpoint_loaded_by_the_real_code(twin_stage, tiny_models_dir, songs):
+    from beat_this.model.beat_tracker import BeatThis
+
+    ckpt = load_checkpoint(resolve_checkpoint("tiny:beat_this", tiny_models_dir))
+    assert set(ckpt) >= {"state_dict", "hyper_parameters"}
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])
+    assert ckpt["hyper_parameters"]["transformer_dim"] == 32
+    assert isinstance(twin_stage.tracker.model, BeatThis)
+    rows = twin_stage.process([t for t, _ in songs[:2]])
+    for row, (_, spec) in zip(rows, songs[:2]):
+        assert row["status"] == STATUS_OK and row["tempo_source"] == "beat_this"
+        # random weights: whatever the twin says, Essentia's number is recorded beside it
+        assert row["essentia_bpm"] == pytest.approx(spec.bpm, rel=0.04)
+        assert (row["bpm"] is None) == (row["no_tempo_reason"] is not None)
+    pa.Table.from_pylist(rows, schema=RHYTHM_SCHEMA)
+
+
+def _reference_chunking():
+    """split_predict_aggregate and helpers from beat_this/inference.py, without its torchaudio import."""
+    import beat_this.model.beat_tracker as bt
+
+    path = Path(bt.__file__).parent.parent / "inference.py"
+    tree = ast.parse(path.read_text())
+    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef)
+            and n.name in {"zeropad", "split_piece", "aggregate_prediction", "split_predict_aggregate"}]
+    namespace = {"torch": torch, "np": np, "F": torch.nn.functional}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["split_predict_aggregate"]
+
+
+@pytest.mark.parametrize("frames", [900, 1500, 3700])
+def test_chunked_inference_equals_the_reference(twin_stage, frames):
+    reference = _reference_chunking()
+    tracker: BeatThisTracker = twin_stage.tracker
+    torch.manual_seed(frames)
+    spect = torch.rand(frames, 128) * 4
+    with torch.inference_mode():
+        ours = tracker.logits([spect, spect[:700]])[0]
+        ref = reference(spect, 1500, 6, "keep_first", tracker.model)
+    torch.testing.assert_close(ours[0], ref["beat"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[1], ref["downbeat"], rtol=1e-4, atol=1e-4)
+
+
+def test_missing_checkpoint_says_what_to_do(tiny_models_dir, tmp_path):
+    stage = RhythmStage(_cfg(tiny_models_dir, f"rhythm.checkpoint={tmp_path}/nope.ckpt"))
+    with pytest.raises(RuntimeError, match="no such file"):
+        stage.setup()
+
+
+def test_analyze_prints_one_json_line_per_file(songs, tiny_models_dir, tmp_path, capsys):
+    args = argparse.Namespace(files=[songs[3][0]["uri"], str(tmp_path / "missing.wav")], json=True,
+                              config="tiny", work=None,
+                              overrides=[f"models.tiny_dir={tiny_models_dir}", "rhythm.beat_tracker=essentia"])
+    assert cli_analyze(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == args.files
+    assert lines[0]["status"] == STATUS_OK and lines[0]["key_phrase"] == "A minor"
+    assert lines[0]["tempo_phrase"] == "128 BPM"
+    assert lines[1]["status"] == STATUS_REJECTED and lines[1]["reason"].startswith("unreadable")
+    args.json = False
+    cli_analyze(args)
+    text = capsys.readouterr().out
+    assert re.search(r"12[78]\.\d BPM", text) and "A minor" in text
+
+
+def test_stage_contract():
+    assert RhythmStage.name == "rhythm" and RhythmStage.inputs == ("aesthetics",)
+    assert "process" in dict(pyinspect.getmembers(RhythmStage))
