@@ -60,7 +60,7 @@ def varied_specs(n: int, seed: int) -> list[SongSpec]:
 
 
 def evaluate(stage: RhythmStage, items: list[tuple[Path | bytes, dict]]) -> dict:
-    acc1 = acc2 = no_tempo = key_exact = 0
+    acc1 = acc2 = no_tempo = key_exact = meter_ok = 0
     mirex, bf, audio_s = [], [], 0.0
     stage.timings = {}
     for path, truth in items:
@@ -73,13 +73,14 @@ def evaluate(stage: RhythmStage, items: list[tuple[Path | bytes, dict]]) -> dict
         else:
             acc1 += abs(bpm - truth["bpm"]) <= 0.04 * truth["bpm"]
             acc2 += any(abs(bpm - f * truth["bpm"]) <= 0.04 * f * truth["bpm"] for f in (1, 2, 0.5, 3, 1 / 3))
+        meter_ok += row["meter"] == truth["beats_per_bar"]
         key_exact += row["key"] is not None and pitch_class(row["key"]) == pitch_class(truth["key"]) \
             and row["scale"] == truth["scale"]
         mirex.append(mirex_key_score(row["key"], row["scale"], truth["key"], truth["scale"]))
         bf.append(boundary_f([s["start"] for s in truth["sections"][1:]],
                              [s["start"] for s in row["segments"][1:]]))
     n = len(items)
-    return {"n": n, "acc1": acc1 / n, "acc2": acc2 / n, "no_tempo": no_tempo, "key_exact": key_exact / n,
+    return {"n": n, "acc1": acc1 / n, "meter": meter_ok / n, "acc2": acc2 / n, "no_tempo": no_tempo, "key_exact": key_exact / n,
             "key_mirex": float(np.mean(mirex)), "boundary_f3": float(np.mean(bf)), "audio_s": audio_s,
             "rtf": {k: v / audio_s for k, v in stage.timings.items()}}
 
@@ -111,13 +112,13 @@ def main() -> None:
         varied_items.append((path, song_truth(spec)))
 
     print(f"rhythm benchmark, tracker={args.tracker}, device={stage.device}, 1 thread")
-    header = f"{'set':<10}{'n':>4}{'Acc1':>7}{'Acc2':>7}{'none':>6}{'key':>7}{'MIREX':>7}{'bF@3s':>7}"
+    header = f"{'set':<10}{'n':>4}{'Acc1':>7}{'Acc2':>7}{'none':>6}{'key':>7}{'MIREX':>7}{'bF@3s':>7}{'meter':>7}"
     print(header)
     results = {}
     for name, items in (("corpus", corpus_items), ("varied", varied_items)):
         r = results[name] = evaluate(stage, items)
         print(f"{name:<10}{r['n']:>4}{r['acc1']:>7.1%}{r['acc2']:>7.1%}{r['no_tempo']:>6}"
-              f"{r['key_exact']:>7.1%}{r['key_mirex']:>7.1%}{r['boundary_f3']:>7.2f}")
+              f"{r['key_exact']:>7.1%}{r['key_mirex']:>7.1%}{r['boundary_f3']:>7.2f}{r['meter']:>7.1%}")
     print("\nreal-time factor per CPU core (compute s / audio s), varied set:")
     for k, v in sorted(results["varied"]["rtf"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:<16}{v:.4f}")

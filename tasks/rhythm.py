@@ -100,6 +100,8 @@ def grid_stats(beats: np.ndarray) -> tuple[float | None, float]:
     if med <= 0:
         return None, 0.0
     regular = np.abs(ibi - med) <= REGULAR_TOL * med
+    if not regular.any():   # med is itself an interval, but float rounding can leave none
+        return 60.0 / med, 0.0
     # The period is the slope of beat time over beat number, fitted over the regular
     # intervals: it averages away the trackers' frame quantisation (~1% at 128 BPM).
     slope = float(np.sum(ibi[regular]) / max(1, regular.sum()))
@@ -260,6 +262,14 @@ class RhythmStage(Stage):
     inputs = ("aesthetics",)
     schema = RHYTHM_SCHEMA
     uses_gpu = True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        ref = cfg.rhythm.checkpoint
+        if cfg.rhythm.beat_tracker == "beat_this" and not ref.startswith("tiny:") \
+                and ("/" in ref or ref.endswith(".ckpt")) and not Path(ref).expanduser().exists():
+            raise ValueError(f"rhythm.checkpoint={ref!r}: no such file; fix the path, use a released "
+                             "name (final0, small0, ...) or set rhythm.beat_tracker=essentia")
 
     def setup(self) -> None:
         cfg = self.cfg.rhythm

@@ -128,6 +128,15 @@ def test_bad_input_is_explicit_never_an_exception(essentia_stage, bad_files):
     pa.Table.from_pylist(list(rows.values()), schema=RHYTHM_SCHEMA)
 
 
+def test_grid_stats_of_irregular_or_tiny_grids():
+    from tasks.rhythm import grid_stats
+
+    assert grid_stats(np.array([0.0, 1.0])) == (None, 0.0)
+    bpm, regular = grid_stats(np.array([0.0, 0.1, 0.5, 0.52, 1.7, 1.71]))
+    assert bpm is not None and 0.0 <= regular <= 1.0
+    assert grid_stats(np.arange(0, 10, 0.5)) == (pytest.approx(120.0), 1.0)
+
+
 def test_caption_phrases():
     assert caption_phrases(127.6, "A", "minor") == ["128 BPM", "A minor"]
     assert caption_phrases(None, "F#", "major") == ["F# major"]
