@@ -97,7 +97,10 @@ class AceDiTModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=B, sync_dist=False)
         return out["loss"]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
+    def optimizer_step(self, *args, **kwargs):
+        # Here rather than in on_train_batch_end, which runs after the checkpoint callback: the
+        # step's checkpoint must hold the EMA of that step, or a resume loses one update.
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update_parameters(self.net)
 

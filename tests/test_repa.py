@@ -1,0 +1,65 @@
+"""REPA: the cosine loss over valid frames only, pooling/alignment to the token rate, and where
+its gradients go (the projector and the blocks up to the configured depth, nothing later)."""
+from __future__ import annotations
+
+import torch
+
+from model.dit import LinearDiT
+from model.repa import RepaHeads, align_to_frames, cosine_loss, pool_to_tokens
+from schemas.train import DiTConfig, RepaConfig, RepaTargetConfig
+
+DIT = DiTConfig(width=32, depth=4, heads=4, head_dim=8)
+REPA = RepaConfig(depth=1, targets=[RepaTargetConfig(name="mert", dim=12), RepaTargetConfig(name="mhubert", dim=6)])
+
+
+def test_cosine_loss_values_and_mask():
+    a = torch.randn(1, 5, 7)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    assert cosine_loss(a, 3 * a, mask).item() < 1e-6
+    torch.testing.assert_close(cosine_loss(a, -a, mask), torch.tensor(2.0))
+    b = a.clone()
+    b[:, 3:] = -a[:, 3:]                      # disagreement only on frames masked out
+    mask[:, 3:] = False
+    assert cosine_loss(a, b, mask).item() < 1e-6
+
+
+def test_pool_to_tokens_averages_valid_frames_only():
+    feats = torch.arange(6.0).view(1, 6, 1).expand(1, 6, 2)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    pooled, pmask = pool_to_tokens(feats, mask, 2, 3)
+    assert pooled[0, :, 0].tolist() == [0.5, 2.5, 4.0] and pmask.tolist() == [[True, True, True]]
+
+
+def test_align_to_frames_keeps_a_constant_and_the_length():
+    feats = torch.full((75, 4), 3.0)
+    out = align_to_frames(feats, 11)
+    assert out.shape == (11, 4) and torch.allclose(out, torch.full((11, 4), 3.0))
+
+
+def test_repa_gradients_reach_projector_and_blocks_up_to_depth_only():
+    torch.manual_seed(0)
+    dit, heads = LinearDiT(DIT), RepaHeads(DIT.width, REPA)
+    x, fm = torch.randn(2, 8, 16, 10), torch.ones(2, 10, dtype=torch.bool)
+    _, hidden = dit(x, torch.rand(2), torch.randn(2, 3, 32), torch.ones(2, 3, dtype=torch.bool), fm,
+                    hidden_at=REPA.depth)
+    targets = {"mert": (torch.randn(2, 10, 12), fm), "mhubert": (torch.randn(2, 10, 6), fm)}
+    losses = heads(hidden, targets)
+    assert set(losses) == {"mert", "mhubert"}
+    sum(losses.values()).backward()
+
+    def touched(module):
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+    assert all(touched(p) for p in heads.projectors.values())
+    assert touched(dit.patch_embed) and touched(dit.t_embed)
+    assert all(touched(dit.blocks[i]) for i in range(REPA.depth + 1))
+    assert not any(touched(dit.blocks[i]) for i in range(REPA.depth + 1, DIT.depth))
+    assert not touched(dit.out)
+
+
+def test_tracks_without_features_are_left_out():
+    heads = RepaHeads(32, REPA)
+    hidden = torch.randn(2, 10, 32)
+    no_frames = torch.zeros(2, 10, dtype=torch.bool)
+    losses = heads(hidden, {"mert": (torch.randn(2, 10, 12), no_frames)})
+    assert losses == {}

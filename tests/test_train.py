@@ -1,0 +1,128 @@
+"""The trainer: latent shards into padded batches, the tiny model overfitting four tracks,
+resume from the last checkpoint with the saved step and optimizer state, the entry point."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from latent_shards import make_track, write_latent_shards  # noqa: E402
+
+from schemas.train import load_train_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def latent_shards(tmp_path_factory) -> Path:
+    tracks = [make_track(i, frames) for i, frames in enumerate([40, 33, 57, 48, 61, 25])]
+    tracks[5].pop("mert")          # one track without MERT features: its REPA term is skipped
+    return write_latent_shards(tmp_path_factory.mktemp("latents") / "default", tracks)
+
+
+@pytest.fixture
+def tiny_cfg(latent_shards, tiny_models_dir):
+    def make(*overrides):
+        return load_train_config("tiny", [f"data.shards={latent_shards}", f"tiny_dir={tiny_models_dir}",
+                                          "trainer.log_every=1", *overrides])
+    return make
+
+
+def metrics(out: Path) -> list[dict]:
+    with open(out / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def train_losses(out: Path, key="train/flow") -> list[tuple[int, float]]:
+    rows = [r for r in metrics(out) if r.get(key)]
+    return [(int(r["step"]), float(r[key])) for r in rows]
+
+
+def test_batches_are_padded_with_masks_tokens_and_targets(tiny_cfg):
+    from model.data import LatentDataModule
+    from model.lyric_encoder import load_lyric_tokenizer
+
+    cfg = tiny_cfg("data.batch_size=3", "data.max_frames=50")
+    tok = load_lyric_tokenizer(cfg.lyric_encoder.tokenizer, cfg.tiny_dir)
+    data = LatentDataModule(cfg, tok)
+    data.setup("fit")
+    assert [t.dim for t in data.cfg.repa.targets] == [24, 16]      # read from the shards
+    batch = next(iter(data.train_dataloader()))
+    B, C, M, T = batch["latents"].shape
+    assert (B, C, M) == (3, 8, 16) and T <= 50
+    lengths = batch["frame_mask"].sum(1)
+    assert lengths.max() == T
+    for i in range(B):
+        assert torch.all(batch["latents"][i, ..., lengths[i]:] == 0)
+    assert batch["lyric_ids"].shape[0] == 3 and torch.all(batch["lyric_mask"][:, 0])
+    feats, fmask = batch["targets"]["mhubert"]
+    assert feats.shape == (3, T, 16) and not (fmask & ~batch["frame_mask"]).any()
+    assert len(data.val_samples) == 2     # nothing held out of six tracks: first two validate
+
+
+def test_missing_shards_is_a_clear_error(tmp_path, tiny_cfg, capsys):
+    from model.train import main
+
+    rc = main(["--config", "tiny", "--out", str(tmp_path / "run"), "--shards", str(tmp_path / "nope"),
+               "--set", f"tiny_dir={tiny_cfg().tiny_dir}"])
+    assert rc == 2
+    assert "index.parquet not found" in capsys.readouterr().err
+
+
+def test_overfits_four_tracks(tmp_path, tiny_cfg, latent_shards):
+    from model.train import fit
+
+    four = write_latent_shards(tmp_path / "four", [make_track(i, 32, seed=1) for i in range(4)])
+    cfg = tiny_cfg(f"data.shards={four}", "trainer.max_steps=150", "trainer.val_every=1000",
+                   "optim.lr=3e-3", "optim.warmup_steps=5", "optim.schedule=constant",
+                   "conditions.text_dropout=0", "conditions.lyric_dropout=0", "repa.enabled=false")
+    final = fit(cfg, tmp_path / "run")
+    assert final["step"] == 150
+    losses = [v for _, v in train_losses(tmp_path / "run")]
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    assert last < 0.6 * first, (first, last)
+
+
+class Capture(torch.nn.Module):
+    pass
+
+
+def test_resume_continues_from_the_saved_step_and_optimizer_state(tmp_path, tiny_cfg):
+    import lightning as L
+
+    from model.train import fit
+
+    out = tmp_path / "run"
+    cfg = tiny_cfg("trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.val_every=1000")
+    fit(cfg, out)
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 6
+    assert not any(k.startswith("frozen") or "text_encoder" in k for k in saved["state_dict"])
+    assert any(k.startswith("ema.") for k in saved["state_dict"])
+
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, module):
+            seen["step"] = trainer.global_step
+            seen["opt"] = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+                           for k, s in trainer.optimizers[0].state_dict()["state"].items()}
+            seen["ema_n"] = int(module.ema.n_averaged)
+
+    final = fit(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_steps": 9})}),
+                out, resume=True, callbacks=[Probe()])
+    assert seen["step"] == 6 and final["step"] == 9
+    saved_state = saved["optimizer_states"][0]["state"]
+    assert seen["opt"].keys() == saved_state.keys()
+    for k, s in saved_state.items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(seen["opt"][k][name], s[name])
+    assert seen["ema_n"] == 6
+    steps = [s for s, _ in train_losses(out)]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 8 and len(set(steps)) == 9
+    assert json.loads((out / "final.json").read_text())["checkpoint"].endswith("last.ckpt")
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*.ckpt")) == [
+        "step-0000003.ckpt", "step-0000006.ckpt", "step-0000009.ckpt"]
