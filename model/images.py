@@ -15,6 +15,7 @@ import torch
 from schemas.train import TrainConfig
 
 log = logging.getLogger(__name__)
+_NO_DCAE: set[str] = set()   # profiles whose DCAE could not be loaded (warned once)
 
 
 @lru_cache(maxsize=2)
@@ -28,13 +29,14 @@ def _dcae(profile: str, device: str):
 
 def decode_for_image(latents: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, str]:
     """(B, C, M, T) latents -> (B, H, W) images and what they show ("mel" or "latent")."""
-    if cfg.validation.dcae_profile:
+    if cfg.validation.dcae_profile and cfg.validation.dcae_profile not in _NO_DCAE:
         try:
             dcae = _dcae(cfg.validation.dcae_profile, str(latents.device))
             with torch.no_grad():
                 mel = dcae.decode(latents).float()
             return (mel[:, 0] if mel.dim() == 4 else mel), "mel"
         except (ImportError, AttributeError) as exc:
+            _NO_DCAE.add(cfg.validation.dcae_profile)
             log.warning("no DCAE decoder for validation images (%s); drawing latents instead", exc)
     B, C, M, T = latents.shape
     return latents.reshape(B, C * M, T), "latent"

@@ -126,3 +126,37 @@ def test_resume_continues_from_the_saved_step_and_optimizer_state(tmp_path, tiny
     assert json.loads((out / "final.json").read_text())["checkpoint"].endswith("last.ckpt")
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*.ckpt")) == [
         "step-0000003.ckpt", "step-0000006.ckpt", "step-0000009.ckpt"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_cfg, latent_shards):
+    """SIGKILL a real training process mid-run; --resume continues from the last checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "model.train", "--config", "tiny", "--out", str(out),
+           "--shards", str(latent_shards), "--max-steps", "100000", "--set", f"tiny_dir={tiny_cfg().tiny_dir}",
+           "--set", "trainer.checkpoint_every=5", "--set", "trainer.val_every=100000"]
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "step-0000015.ckpt").exists():
+            assert proc.poll() is None and time.time() < deadline, "training died or never checkpointed"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)   # never half-written
+    step = saved["global_step"]
+    assert step >= 15 and step % 5 == 0
+    rc = subprocess.run(cmd[:cmd.index("--max-steps")] + ["--max-steps", str(step + 3), "--resume"]
+                        + cmd[cmd.index("--max-steps") + 2:], cwd=repo, capture_output=True, text=True,
+                        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    assert f"start at step {step} " in rc.stdout
+    assert json.loads((out / "final.json").read_text())["step"] == step + 3
