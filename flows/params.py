@@ -21,3 +21,8 @@ class RunParams(BaseModel):
         if self.sources is not None:
             cfg = cfg.model_copy(update={"sources": list(self.sources)})
         return cfg
+
+
+class DatasetParams(RunParams):
+    """Parameters of the pack and latents flows: a run's config plus the dataset name."""
+    dataset: str = Field("default", description="dataset name under manifest/, shards/ and latents/")
