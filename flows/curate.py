@@ -14,7 +14,7 @@ from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 
 from flows.params import RunParams
-from flows.runners import task_runner_for
+from flows.runners import ensure_gpu_limit, gpu_tag, task_runner_for
 from schemas.config import Config
 from tasks.ingest import IngestResult, check_sources, ingest
 from tasks.stage import check_stages, dag_order, run_partition, stage_class, stage_keys
@@ -36,13 +36,16 @@ def stage_task(cfg: Config, name: str, partition: int, keys: dict[str, str]) -> 
 def curate_stages(cfg: Config, partitions: list[int]) -> list[dict]:
     order = dag_order(cfg.stages)
     keys = stage_keys(cfg, order)
+    tags = {name: gpu_tag(stage_class(name).uses_gpu, cfg.device) for name in order}
+    if "gpu" in tags.values():
+        ensure_gpu_limit(cfg.runner.gpu_concurrency)
     futures = {}
     for p in partitions:
         for name in order:
             cls = stage_class(name)
             deps = [futures[(u, p)] for u in cls.inputs]
             futures[(name, p)] = stage_task.with_options(
-                task_run_name=f"{name}-p{p:05d}", tags=["gpu"] if cls.uses_gpu else ["cpu"],
+                task_run_name=f"{name}-p{p:05d}", tags=[tags[name]],
             ).submit(cfg, name, p, keys, wait_for=deps)
     results = []
     progress = create_progress_artifact(0.0, key="curate-progress",

@@ -23,3 +23,28 @@ def task_runner_for(runner: RunnerConfig):
             raise RuntimeError("runner.kind=ray needs the ray extra: pip install -e '.[ray]'") from None
         return RayTaskRunner(address=runner.address) if runner.address else RayTaskRunner()
     raise ValueError(f"runner.kind {runner.kind!r} is not one of threads, dask, ray")
+
+
+def gpu_tag(uses_gpu: bool, device: str) -> str:
+    """The tag of a stage task: `gpu` when it runs a model on CUDA (capped by the tag's
+    concurrency limit), else `cpu` (bounded by the runner's workers only)."""
+    if not uses_gpu:
+        return "cpu"
+    from tasks.models import resolve_device
+
+    return "gpu" if resolve_device(device).type == "cuda" else "cpu"
+
+
+def ensure_gpu_limit(limit: int, tag: str = "gpu") -> int:
+    """Create the tag concurrency limit that caps GPU stage tasks across every run and worker,
+    unless one exists (an operator's `prefect concurrency-limit create gpu N` wins).
+    Returns the limit in force."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_concurrency_limit_by_tag(tag).concurrency_limit
+        except ObjectNotFound:
+            client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+            return limit

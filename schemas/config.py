@@ -54,7 +54,8 @@ class RunnerConfig(Strict):
     kind: Literal["threads", "dask", "ray"] = "threads"
     max_workers: int = Field(2, ge=1, description="threads (or dask workers for a local cluster)")
     address: str | None = Field(None, description="existing Dask scheduler / Ray cluster address")
-    gpu_concurrency: int = Field(1, ge=1, description="Prefect concurrency limit for GPU stages")
+    gpu_concurrency: int = Field(1, ge=1, description="the Prefect tag concurrency limit `gpu` is created "
+                                 "with this value when missing; it caps stage tasks running on CUDA")
 
 
 class ModelsConfig(Strict):
