@@ -2,6 +2,7 @@
 
     acepipe synth OUT [--n N] [--seed S]        write the synthetic corpus
     acepipe run [--config C] [--source S] [--work W] [--set k=v]   the curate flow
+    acepipe config [--config C] [--explain]      the effective config (YAML), or every key explained
     acepipe inspect TRACK_ID_OR_PATH [--config C] [--work W]      every stage output of a track
     acepipe analyze FILE... [--json]              rhythm/key/structure of files, no flow, no store
     acepipe lyrics index --db DB --out DIR        build the IPA MinHash index of a lyrics database
@@ -84,6 +85,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    import yaml
+
+    from schemas.config import describe, section_dump
+
+    cfg = _params(args).load()
+    if not args.explain:
+        print(yaml.safe_dump(section_dump(cfg), sort_keys=False, allow_unicode=True), end="")
+        return 0
+    rows = describe(cfg)
+    width = max(len(k) for k, _, _ in rows)
+    for key, value, text in rows:
+        print(f"{key:<{width}}  {json.dumps(value, ensure_ascii=False):<24}  {text}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from tasks.inspect import inspect_track
 
@@ -109,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="append", help="source dir, URL or .txt list (repeatable)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="print the effective config (profile + overrides), validated")
+    _add_config_args(p)
+    p.add_argument("--explain", action="store_true", help="every key with its value and meaning")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("inspect", help="every stage output for one track")
     _add_config_args(p)

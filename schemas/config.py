@@ -154,3 +154,17 @@ def load_config(name_or_path: str | Path = "default", overrides: list[str] | Non
 def section_dump(model: BaseModel) -> dict:
     """A section as plain JSON-able data (what stage keys hash)."""
     return model.model_dump(mode="json")
+
+
+def describe(model: BaseModel, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every leaf key of a config as (dotted key, value, description): `acepipe config --explain`."""
+    rows: list[tuple[str, Any, str]] = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            rows += describe(value, key + ".")
+        else:
+            rows.append((key, value.model_dump(mode="json") if isinstance(value, BaseModel) else value,
+                         field.description or ""))
+    return rows

@@ -46,3 +46,17 @@ def test_malformed_yaml(tmp_path):
 def test_lyrics_stage_without_a_database_is_refused_up_front():
     with pytest.raises(ConfigError, match="lyrics_db"):
         load_config("tiny", ["lyrics_db=null"], environ={})
+
+
+def test_config_command_prints_the_effective_config_and_explains_keys(capsys):
+    import yaml
+
+    from flows.cli import main
+
+    assert main(["config", "--config", "tiny", "--set", "ingest.partition_size=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["ingest"]["partition_size"] == 3 and shown["profile"] == "tiny"
+    assert main(["config", "--config", "tiny", "--explain"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "tracks per partition" in lines["ingest.partition_size"]
+    assert "pack.filter.min_pq" in lines and "runner.gpu_concurrency" in lines
