@@ -3,9 +3,14 @@
 The manifest (`manifest/<dataset>.parquet`) is one row per packed track: the join of every
 configured stage's output for tracks kept by all of them and by the pack filter. Columns of
 a stage that is not configured are null. Its schema metadata carries the stage keys it was
-built from. The shard index (`shards/<dataset>/index.parquet`) lists each sample's shard.
+built from. The shard index (`shards/<dataset>/index.parquet`) lists each sample's shard;
+it is written last, so its presence says the shards, manifest and rejects beside it are
+complete. A sample's JSON holds the manifest row less uri, partition, shard and flac_bytes
+(where the file lay, not what it is), plus sample_rate, channels and lyrics_text.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,12 +39,17 @@ class PackConfig(BaseModel):
     enabled: bool = True
     sample_rate: int = Field(44100, gt=0, description="audio rate in the shards (the DCAE's is 44100)")
     channels: int = Field(2, ge=1, le=2, description="1 mono, 2 stereo")
-    flac_subtype: str = Field("PCM_16", description="FLAC sample format: PCM_16 or PCM_24")
+    flac_subtype: Literal["PCM_16", "PCM_24"] = Field("PCM_16", description="FLAC sample format")
     shard_bytes: int = Field(1_000_000_000, gt=0, description="target shard size; a shard closes before "
                              "the sample that would take it past this (a bigger sample gets a shard alone)")
-    workers: int = Field(2, ge=1, description="threads decoding and encoding audio ahead of the writer")
+    workers: int = Field(2, ge=1, description="threads decoding and encoding audio ahead of the writer "
+                         "(does not change the shards' bytes)")
+    verify_source: bool = Field(True, description="re-hash each source file before packing it, so a file "
+                                "modified or replaced after ingest is left out (source_changed) instead of "
+                                "packed under the old track_id; reads each file twice")
     filter: PackFilter = PackFilter()
-    report: bool = Field(True, description="write the dataset report (markdown + PNG charts)")
+    report: bool = Field(True, description="write the dataset report (markdown + PNG charts) beside the "
+                         "shards and as a Prefect artifact")
 
 
 SEGMENT = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("label", pa.string())])

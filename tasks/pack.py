@@ -8,12 +8,16 @@ keeps tracks that are ok everywhere and pass `pack.filter`, and writes
     shards/<dataset>/rejects.parquet    candidates left out at pack time, with reasons
     manifest/<dataset>.parquet          one row per packed track (schemas/pack.py)
 
-Tracks go in track_id order and tar headers carry fixed mtime/owner, so the same inputs and
-config give byte-identical shards. Each shard is written under a hidden temporary name and
-renamed when complete; the old index is removed before any shard changes, so an index on
-disk always describes the shards beside it. Reason codes added here: `filtered` (the pack
-filter; detail names the field and threshold), `missing_field` (a required or filtered-on
-value is null), and the audio loader's codes for audio that fails to decode at pack time.
+Tracks go in track_id order (a hash: shards mix sources evenly), tar headers carry no clock
+or owner (tasks/shards.py), and a sample holds only what derives from the track's bytes and
+stage outputs (not where the file lies), so the same inputs and config give byte-identical
+shards. A shard is written under a hidden temporary name and renamed when complete. Before any
+shard changes, the index, manifest and rejects of the previous pack are removed, so an
+index on disk always describes the shards beside it: readers go by the index, never by a
+directory listing. Reason codes added here: `filtered` (the pack filter; detail names the
+field and threshold), `missing_field` (a required or filtered-on value is null),
+`source_missing` and `source_changed` (the file is gone, or its bytes are no longer the ones
+ingested), and the audio loader's codes for audio that fails to decode at pack time.
 """
 from __future__ import annotations
 
@@ -21,116 +25,27 @@ import hashlib
 import io
 import json
 import posixpath
-import tarfile
 import time
-import uuid
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
-from typing import Any, Callable, Iterable, Iterator
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import soundfile as sf
 
-from schemas.common import STATUS_OK
-from schemas.config import Config, section_dump
+from schemas.common import STATUS_OK, reason_code
+from schemas.config import Config, ConfigError, section_dump
 from schemas.pack import MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, SHARD_INDEX_SCHEMA, PackFilter
 from tasks.audio import load_track
+from tasks.ingest import content_hash
+from tasks.shards import TMP_PREFIX, ShardWriter, ordered_map
 from tasks.stage import dag_order, stage_keys
-from tasks.store import StageStore
+from tasks.store import StageStore, StoreError
 
-SHARD_NAME = "shard-{:06d}.tar"
-
-
-# -- deterministic, atomic tar shards ---------------------------------------------------------
-def tar_member(name: str, size: int) -> tarfile.TarInfo:
-    """A tar header that depends only on the name and size (no clock, no owner)."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-class ShardWriter:
-    """Writes samples into `<directory>/shard-NNNNNN.tar`, closing a shard before the sample
-    that would take it past `target_bytes`. A shard is visible only once complete."""
-
-    def __init__(self, store: StageStore, directory: str, target_bytes: int):
-        self.store, self.directory, self.target_bytes = store, directory, target_bytes
-        self.shards: list[str] = []
-        self._tar: tarfile.TarFile | None = None
-        self._fh = None
-        self._tmp = ""
-        self._bytes = 0
-
-    def __enter__(self) -> "ShardWriter":
-        self.store.fs.makedirs(self.directory, exist_ok=True)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self._finish()
-        else:
-            self._abandon()
-
-    def add(self, key: str, files: dict[str, bytes]) -> str:
-        """Add one sample (`files`: extension -> bytes); returns the shard it went into."""
-        if "." in key:
-            raise ValueError(f"WebDataset key {key!r} contains a dot (the key ends at the first dot)")
-        size = sum(len(b) for b in files.values())
-        if self._tar is not None and self._bytes + size > self.target_bytes and self._bytes > 0:
-            self._finish()
-        if self._tar is None:
-            self._open()
-        for ext in sorted(files):
-            data = files[ext]
-            self._tar.addfile(tar_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
-        self._bytes += size
-        return self.shards[-1]
-
-    def _open(self) -> None:
-        name = SHARD_NAME.format(len(self.shards))
-        self._tmp = posixpath.join(self.directory, f".tmp-{uuid.uuid4().hex}-{name}")
-        self._fh = self.store.fs.open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._fh, mode="w", format=tarfile.USTAR_FORMAT)
-        self.shards.append(name)
-        self._bytes = 0
-
-    def _finish(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        self._fh.close()
-        self.store.fs.mv(self._tmp, posixpath.join(self.directory, self.shards[-1]))
-        self._tar = self._fh = None
-
-    def _abandon(self) -> None:
-        if self._tar is None:
-            return
-        try:
-            self._fh.close()
-        finally:
-            if self.store.fs.exists(self._tmp):
-                self.store.fs.rm(self._tmp)
-            self.shards.pop()
-            self._tar = self._fh = None
-
-
-def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
-    """fn over items on `workers` threads, results in input order, at most 2*workers ahead."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    it = iter(items)
-    with ThreadPoolExecutor(workers) as pool:
-        pending = deque(pool.submit(fn, x) for x in islice(it, 2 * workers))
-        while pending:
-            result = pending.popleft().result()
-            for x in islice(it, 1):
-                pending.append(pool.submit(fn, x))
-            yield result
+# Catalog facts without which a track cannot be decoded or described.
+REQUIRED = ("duration", "source_sample_rate", "source_channels", "codec")
+# Manifest columns that say where a file lies or which shard holds it, not what it is:
+# kept out of the sample's JSON so a copy of the corpus packs to the same bytes.
+NOT_IN_SAMPLE = ("uri", "partition", "shard", "flac_bytes")
 
 
 # -- the manifest: join and filter ------------------------------------------------------------
@@ -143,11 +58,12 @@ def manifest_row(track: dict) -> dict:
     matched = _get(track, "lyrics", "lyric_id") is not None
     language = (_get(track, "lyrics", "language") if matched else None) or _get(track, "transcribe", "language")
     structure = _get(track, "rhythm", "segments")
+    probe_duration = _get(track, "probe", "duration")
     return {
         "track_id": track["track_id"], "uri": track.get("uri"), "partition": track.get("partition"),
         "bytes": track.get("bytes"), "codec": track.get("codec"),
         "source_sample_rate": track.get("sample_rate"), "source_channels": track.get("channels"),
-        "duration": _get(track, "probe", "duration") or track.get("duration"),
+        "duration": probe_duration if probe_duration is not None else track.get("duration"),
         "peak_dbfs": _get(track, "probe", "peak_dbfs"), "rms_dbfs": _get(track, "probe", "rms_dbfs"),
         **{k: _get(track, "aesthetics", k) for k in ("ce", "cu", "pc", "pq")},
         "language": language, "transcript": _get(track, "transcribe", "text"),
@@ -166,8 +82,9 @@ def manifest_row(track: dict) -> dict:
 
 def filter_reason(row: dict, f: PackFilter) -> str | None:
     """None when the row enters the dataset, else a reason string."""
-    if row.get("duration") is None:
-        return "missing_field: duration is null (neither probe nor the catalog gave one)"
+    for name in REQUIRED:
+        if row.get(name) is None:
+            return f"missing_field: {name} is null (the catalog or probe row lacks it; re-run curate)"
     dur = row["duration"]
     if f.min_duration_s is not None and dur < f.min_duration_s:
         return f"filtered: duration {dur:.1f} s < pack.filter.min_duration_s {f.min_duration_s}"
@@ -181,16 +98,22 @@ def filter_reason(row: dict, f: PackFilter) -> str | None:
             return f"missing_field: {axis} is null but pack.filter.min_{axis} is set (run aesthetics)"
         if row[axis] < threshold:
             return f"filtered: {axis} {row[axis]:.2f} < pack.filter.min_{axis} {threshold}"
-    if f.require_lyrics and row.get("lyric_id") is None:
-        return "filtered: no matched lyrics and pack.filter.require_lyrics is set"
-    if f.min_lyrics_score is not None and row.get("lyric_id") is not None and \
-            (row.get("lyrics_score") or 0.0) < f.min_lyrics_score:
-        return f"filtered: lyrics score {row.get('lyrics_score') or 0:.2f} < pack.filter.min_lyrics_score"
+    if f.require_lyrics:
+        if row.get("lyric_id") is None:
+            return "filtered: no matched lyrics and pack.filter.require_lyrics is set"
+        if not row.get("lyrics"):
+            return f"missing_field: lyrics is null for matched lyric_id {row['lyric_id']}"
+    if f.min_lyrics_score is not None and row.get("lyric_id") is not None:
+        if row.get("lyrics_score") is None:
+            return "missing_field: lyrics_score is null but pack.filter.min_lyrics_score is set"
+        if row["lyrics_score"] < f.min_lyrics_score:
+            return (f"filtered: lyrics score {row['lyrics_score']:.2f} < "
+                    f"pack.filter.min_lyrics_score {f.min_lyrics_score}")
     if f.languages is not None and not row.get("instrumental"):
         if row.get("language") is None:
             return "missing_field: language is null but pack.filter.languages is set (run transcribe)"
         if row["language"] not in f.languages:
-            return f"filtered: language {row['language']} not in pack.filter.languages"
+            return f"filtered: language {row['language']} not in pack.filter.languages {f.languages}"
     if f.require_caption and not row.get("caption"):
         return "filtered: no caption and pack.filter.require_caption is set"
     if f.require_bpm and row.get("bpm") is None:
@@ -213,7 +136,7 @@ def candidates(store: StageStore, cfg: Config) -> tuple[list[tuple[dict, dict]],
         upstream["not_ok_upstream"] += len(catalog) - len(rows)
         for name in order:
             path = store.stage_path(name, keys[name], p)
-            if not store.exists(path):
+            if not store.exists(path):  # curate has not reached this partition yet
                 upstream["stage_missing"] += len(rows)
                 rows = {}
                 break
@@ -228,6 +151,8 @@ def candidates(store: StageStore, cfg: Config) -> tuple[list[tuple[dict, dict]],
         for track in rows.values():
             row = manifest_row(track)
             reason = filter_reason(row, cfg.pack.filter)
+            if reason is None and not track.get("uri_raw"):
+                reason = "missing_field: uri_raw is null (the catalog row has no path to open)"
             if reason:
                 rejects.append({"track_id": row["track_id"], "uri": row["uri"], "reason": reason})
             else:
@@ -237,16 +162,16 @@ def candidates(store: StageStore, cfg: Config) -> tuple[list[tuple[dict, dict]],
 
 
 # -- samples ----------------------------------------------------------------------------------
-def sample_metadata(row: dict, sample_rate: int, channels: int) -> dict:
-    """The sample's JSON: the manifest row (minus shard bookkeeping) and the audio format."""
-    meta = {k: v for k, v in row.items() if k not in ("shard", "flac_bytes")}
-    meta.update(sample_rate=sample_rate, channels=channels, lyrics_text=sample_lyrics(row))
-    return meta
-
-
 def sample_lyrics(row: dict) -> str:
     """Canonical lyrics if matched, else the transcript, else ''."""
     return row.get("lyrics") or row.get("transcript") or ""
+
+
+def sample_metadata(row: dict, sample_rate: int, channels: int) -> dict:
+    """The sample's JSON: the manifest row less NOT_IN_SAMPLE, and the audio format."""
+    meta = {k: v for k, v in row.items() if k not in NOT_IN_SAMPLE}
+    meta.update(sample_rate=sample_rate, channels=channels, lyrics_text=sample_lyrics(row))
+    return meta
 
 
 def encode_flac(audio: np.ndarray, sr: int, subtype: str) -> bytes:
@@ -256,12 +181,31 @@ def encode_flac(audio: np.ndarray, sr: int, subtype: str) -> bytes:
     return buf.getvalue()
 
 
+def source_problem(track: dict) -> str | None:
+    """Why the file at the track's URI is not the one ingested as it, or None."""
+    try:
+        digest = content_hash(track["uri_raw"])
+    except FileNotFoundError:
+        return f"source_missing: {track['uri']} no longer exists; restore it or re-run curate"
+    except OSError as exc:
+        return f"source_missing: {track['uri']} cannot be read ({exc})"
+    if digest != track["track_id"]:
+        return (f"source_changed: the bytes at {track['uri']} are no longer the ones ingested as this "
+                "track (modified or replaced after ingest); re-run curate to ingest the new file")
+    return None
+
+
 def encode_sample(pair: tuple[dict, dict], cfg: Config) -> tuple[dict, dict[str, bytes] | None, str | None]:
     """Decode the source at the pack rate, encode FLAC; (row, files, None) or (row, None, reason)."""
     row, track = pair
     pc = cfg.pack
+    # Pack reads each file once: keeping its decodes would only evict the curate stages' ones.
+    audio_cfg = cfg.audio.model_copy(update={"cache_mb": 0})
     try:
-        audio = load_track(track, pc.sample_rate, pc.channels, cfg.audio)
+        problem = source_problem(track) if pc.verify_source else None
+        if problem:
+            return row, None, problem
+        audio = load_track(track, pc.sample_rate, pc.channels, audio_cfg)
         flac = encode_flac(audio, pc.sample_rate, pc.flac_subtype)
     except Exception as exc:  # noqa: BLE001 - one bad file is a reject row, not a failed pack
         return row, None, getattr(exc, "reason", None) or f"exception: {type(exc).__name__}: {exc}"[:300]
@@ -273,38 +217,61 @@ def encode_sample(pair: tuple[dict, dict], cfg: Config) -> tuple[dict, dict[str,
 
 
 def fingerprint(cfg: Config, dataset: str, keys: dict[str, str], track_ids: list[str]) -> str:
-    """What decides the shards' bytes: the pack and audio config, the stage keys, the tracks."""
-    blob = json.dumps({"dataset": dataset, "pack": section_dump(cfg.pack), "audio": section_dump(cfg.audio),
+    """What decides the shards' bytes: the pack and audio config (not the thread count or
+    the report switch), the stage keys, the tracks."""
+    pack_cfg = section_dump(cfg.pack)
+    for knob in ("workers", "report", "enabled"):
+        pack_cfg.pop(knob, None)
+    blob = json.dumps({"dataset": dataset, "pack": pack_cfg, "audio": section_dump(cfg.audio),
                        "keys": keys, "tracks": track_ids}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # -- the whole pack -----------------------------------------------------------------------------
+def check_dataset_name(dataset: str) -> None:
+    if not dataset or "/" in dataset or "\\" in dataset or dataset.startswith("."):
+        raise ConfigError(f"dataset name {dataset!r} must be a plain name (no '/', not hidden)")
+
+
+def require_catalog(store: StageStore) -> None:
+    if not store.catalog_partitions():
+        raise StoreError(f"no catalog under {store.path('catalog')}: run `acepipe run` on this work "
+                         "root before packing")
+
+
 def pack(cfg: Config, dataset: str = "default", store: StageStore | None = None) -> dict:
     """Build manifest, shards, index and rejects for `dataset`. Returns a summary dict."""
-    if not dataset or "/" in dataset or dataset.startswith("."):
-        raise ValueError(f"dataset name {dataset!r} must be a plain name (no '/', not hidden)")
-    started = time.perf_counter()
+    check_dataset_name(dataset)
     store = store or StageStore(cfg.work_root)
+    require_catalog(store)
+    with store.lock(f"pack-{dataset}"):
+        return _pack(cfg, dataset, store)
+
+
+def _pack(cfg: Config, dataset: str, store: StageStore) -> dict:
+    started = time.perf_counter()
     shard_dir = store.path("shards", dataset)
     index_path = posixpath.join(shard_dir, "index.parquet")
+    manifest_path = store.path("manifest", f"{dataset}.parquet")
+    rejects_path = posixpath.join(shard_dir, "rejects.parquet")
     pairs, rejects, upstream = candidates(store, cfg)
     fp = fingerprint(cfg, dataset, upstream["keys"], [r["track_id"] for r, _ in pairs])
     summary = {"dataset": dataset, "work_root": cfg.work_root, "fingerprint": fp, **upstream}
 
     if store.exists(index_path):
-        meta = store.read_table(index_path).schema.metadata or {}
         index = store.read_table(index_path)
         shards = sorted(set(index.column("shard").to_pylist()))
-        if meta.get(b"fingerprint", b"").decode() == fp and \
+        if (index.schema.metadata or {}).get(b"fingerprint", b"").decode() == fp and \
+                store.exists(manifest_path) and store.exists(rejects_path) and \
                 all(store.exists(posixpath.join(shard_dir, s)) for s in shards):
-            manifest = store.read_table(store.path("manifest", f"{dataset}.parquet"))
+            old_rejects = store.read_table(rejects_path).to_pylist()
             return {**summary, "skipped": True, "packed": index.num_rows, "shards": len(shards),
-                    "rejected": store.read_table(posixpath.join(shard_dir, "rejects.parquet")).num_rows,
-                    "bytes": int(sum(index.column("bytes").to_pylist())),
-                    "hours": round(sum(manifest.column("duration").to_pylist()) / 3600, 3),
+                    **_outcome(old_rejects, index.to_pylist()),
                     "seconds": round(time.perf_counter() - started, 2)}
-        store.fs.rm(index_path)  # from here on no index describes shards that are changing
+    # From here on no index, manifest or rejects describes shards that are about to change.
+    for path in (index_path, manifest_path, rejects_path):
+        if store.exists(path):
+            store.fs.rm(path)
     _remove_temporaries(store, shard_dir)
 
     packed: list[dict] = []
@@ -324,16 +291,19 @@ def pack(cfg: Config, dataset: str = "default", store: StageStore | None = None)
     manifest = pa.Table.from_pylist(packed, schema=MANIFEST_SCHEMA).replace_schema_metadata(
         {"stage_keys": json.dumps(upstream["keys"], sort_keys=True), "dataset": dataset, "fingerprint": fp})
     rejects.sort(key=lambda r: r["track_id"])
-    store.write_table(store.path("manifest", f"{dataset}.parquet"), manifest)
-    store.write_table(posixpath.join(shard_dir, "rejects.parquet"),
-                      pa.Table.from_pylist(rejects, schema=PACK_REJECTS_SCHEMA))
+    store.write_table(manifest_path, manifest)
+    store.write_table(rejects_path, pa.Table.from_pylist(rejects, schema=PACK_REJECTS_SCHEMA))
     index = pa.Table.from_pylist(index_rows, schema=SHARD_INDEX_SCHEMA).replace_schema_metadata(
         {"fingerprint": fp, "dataset": dataset})
-    store.write_table(index_path, index)
+    store.write_table(index_path, index)  # last: its presence says the rest is complete
     return {**summary, "skipped": False, "packed": len(packed), "shards": len(shards),
-            "rejected": len(rejects), "bytes": int(sum(r["bytes"] for r in index_rows)),
-            "hours": round(sum(r["duration"] for r in packed) / 3600, 3),
-            "seconds": round(time.perf_counter() - started, 2)}
+            **_outcome(rejects, index_rows), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _outcome(rejects: list[dict], index_rows: list[dict]) -> dict:
+    return {"rejected": len(rejects), "reasons": dict(Counter(reason_code(r["reason"]) for r in rejects)),
+            "bytes": int(sum(r["bytes"] for r in index_rows)),
+            "hours": round(sum(r["duration"] for r in index_rows) / 3600, 3)}
 
 
 def _list(store: StageStore, directory: str) -> list[str]:
@@ -344,9 +314,9 @@ def _list(store: StageStore, directory: str) -> list[str]:
 
 
 def _remove_temporaries(store: StageStore, shard_dir: str) -> None:
-    """Temporaries a killed run left behind (a live run's are never older than this run)."""
+    """Temporaries a killed run left behind (the pack lock keeps live runs out)."""
     for name in _list(store, shard_dir):
-        if name.startswith(".tmp-"):
+        if name.startswith(TMP_PREFIX):
             store.fs.rm(posixpath.join(shard_dir, name))
 
 
