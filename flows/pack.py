@@ -1,19 +1,21 @@
 """The pack flow: manifest, WebDataset shards, shard index and the dataset report of a dataset.
 
 One task does the pack (tasks/pack.py; it skips itself when the index on disk was built from
-the same inputs and config), one the report; the report is also a Prefect markdown artifact.
+the same inputs and config), one the report, which is also a Prefect markdown artifact.
 """
 from __future__ import annotations
 
 import posixpath
+import re
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+
 from flows.params import DatasetParams
 from schemas.config import Config
+from tasks.pack import check_dataset_name, read_manifest, require_catalog
 from tasks.pack import pack as pack_dataset
-from tasks.pack import read_manifest
 from tasks.report import build_report, write_report
 from tasks.store import StageStore
 
@@ -29,21 +31,33 @@ def report_task(cfg: Config, summary: dict) -> str:
     dataset = summary["dataset"]
     shard_dir = store.path("shards", dataset)
     rejects = store.read_table(posixpath.join(shard_dir, "rejects.parquet")).to_pylist()
-    report = build_report(read_manifest(store, dataset), rejects, summary, charts=cfg.pack.report)
+    report = build_report(read_manifest(store, dataset), rejects, summary)
     write_report(store, shard_dir, report)
     return report.inline_markdown()
+
+
+def artifact_key(dataset: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "dataset-report-" + (re.sub(r"[^a-z0-9-]+", "-", dataset.lower()).strip("-") or "x")
 
 
 @flow(name="pack", log_prints=True)
 def pack(params: DatasetParams = DatasetParams()) -> dict:
     cfg = params.load()
-    StageStore(cfg.work_root).check_writable()
+    check_dataset_name(params.dataset)
+    store = StageStore(cfg.work_root)
+    store.check_writable()
+    require_catalog(store)
     summary = pack_task(cfg, params.dataset)
-    markdown = report_task(cfg, summary)
-    create_markdown_artifact(markdown, key=f"dataset-report-{params.dataset}".replace("_", "-").lower(),
-                             description=f"dataset {params.dataset}: {summary['packed']} tracks")
+    if cfg.pack.report:
+        markdown = report_task(cfg, summary)
+        create_markdown_artifact(markdown, key=artifact_key(params.dataset),
+                                 description=f"dataset {params.dataset}: {summary['packed']} tracks")
     print(f"pack {params.dataset}: {summary['packed']} tracks in {summary['shards']} shards, "
           f"{summary['rejected']} left out{' (unchanged, skipped)' if summary['skipped'] else ''}")
+    if summary["stage_missing"]:
+        print(f"warning: {summary['stage_missing']} tracks wait for a stage output (curate has not "
+              "finished their partitions); they are not in this pack")
     return summary
 
 
@@ -52,8 +66,11 @@ def cli(args) -> int:
     params = DatasetParams(config=args.config, work_root=args.work, overrides=args.overrides,
                            dataset=args.dataset)
     summary = pack(params)
+    shard_dir = posixpath.join(summary["work_root"], "shards", summary["dataset"])
     print(f"manifest  {posixpath.join(summary['work_root'], 'manifest', summary['dataset'] + '.parquet')}")
-    print(f"shards    {summary['shards']} ({summary['bytes'] / 1e6:.1f} MB), {summary['packed']} tracks, "
-          f"{summary['hours']} h")
-    print(f"left out  {summary['rejected']}   (see shards/{summary['dataset']}/rejects.parquet, report.md)")
+    print(f"shards    {shard_dir}: {summary['shards']} ({summary['bytes'] / 1e6:.1f} MB), "
+          f"{summary['packed']} tracks, {summary['hours']} h{' (unchanged, skipped)' if summary['skipped'] else ''}")
+    print(f"left out  {summary['rejected']}" + "".join(f"  {code}: {n}" for code, n in
+                                                      sorted(summary["reasons"].items())))
+    print(f"          (reasons per track in {shard_dir}/rejects.parquet and report.md)")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -37,12 +38,10 @@ def _hours(seconds: float) -> str:
 
 
 def _figure(draw, size=(6.0, 3.2)) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=size, dpi=90)  # a Figure without pyplot: no global state across threads
+    # A Figure without pyplot: no global backend switch, no state shared across threads.
+    fig = Figure(figsize=size, dpi=90)
     draw(fig)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -79,9 +78,13 @@ def _aesthetics(columns: dict[str, list[float]]) -> bytes:
     return _figure(draw, size=(8.0, 2.6))
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -157,12 +160,14 @@ def build_report(manifest: pa.Table, rejects: list[dict], summary: dict, charts:
 
 
 def write_report(store, directory: str, report: Report) -> list[str]:
-    """report.md and its charts into `directory` (atomic writes); returns the paths."""
-    import posixpath
-
+    """report.md and its charts into `directory` (atomic writes), removing charts of an
+    earlier report that this one no longer has; returns the paths written."""
     paths = [posixpath.join(directory, "report.md")]
-    store.write_bytes(paths[0], report.markdown.encode())
-    for name, png in report.charts.items():
+    for name, png in sorted(report.charts.items()):
         paths.append(posixpath.join(directory, name))
         store.write_bytes(paths[-1], png)
+    store.write_bytes(paths[0], report.markdown.encode())
+    for old in store.fs.glob(posixpath.join(directory, "report-*.png")):
+        if posixpath.basename(old) not in report.charts:
+            store.fs.rm(old)
     return paths
