@@ -50,10 +50,16 @@ def stage_row(name: str, track: dict) -> dict:
     return row
 
 
+def fixture_overrides(tiny_dir: Path, lyrics_db: Path) -> list[str]:
+    """The `key=value` overrides of the tiny profile these work roots are built with (for
+    tests that go through DatasetParams or the CLI)."""
+    return [f"models.tiny_dir={tiny_dir}", f"lyrics_db={lyrics_db}", f"stages=[{','.join(STAGES)}]",
+            "ingest.partition_size=4", "pack.shard_bytes=4000000"]
+
+
 def tiny_config(work: Path, tiny_dir: Path, lyrics_db: Path, *overrides: str) -> Config:
-    return load_config("tiny", [f"work_root={work}", f"models.tiny_dir={tiny_dir}", f"lyrics_db={lyrics_db}",
-                                f"stages=[{','.join(STAGES)}]", "ingest.partition_size=4",
-                                "pack.shard_bytes=1500000", *overrides], environ={})
+    return load_config("tiny", [f"work_root={work}", *fixture_overrides(tiny_dir, lyrics_db), *overrides],
+                       environ={})
 
 
 def build_work(root: Path, synth_corpus: Path, tiny_dir: Path, *overrides: str) -> Config:

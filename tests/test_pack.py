@@ -1,0 +1,423 @@
+"""The pack stage on a real work root (ingest + probe on the synthetic corpus, the other stages'
+outputs written into the store): shards read back through webdataset, the manifest, filters,
+bad input at pack time, reruns, determinism, a killed pack, the flow and the CLI."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pack_fixtures import build_work, fixture_overrides, tiny_config  # noqa: E402
+
+from schemas.common import reason_code  # noqa: E402
+from schemas.pack import MANIFEST_SCHEMA  # noqa: E402
+from tasks import audio  # noqa: E402
+from tasks.pack import candidates, pack  # noqa: E402
+from tasks.store import StageStore  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def with_overrides(cfg, *overrides: str, work: Path | None = None):
+    return tiny_config(Path(work or cfg.work_root), Path(cfg.models.tiny_dir), Path(cfg.lyrics_db), *overrides)
+
+
+def visible_shards(store: StageStore, dataset: str) -> list[str]:
+    d = Path(store.path("shards", dataset))
+    return sorted(p.name for p in d.glob("shard-*.tar"))
+
+
+def index_of(store: StageStore, dataset: str) -> list[dict]:
+    return pq.read_table(store.path("shards", dataset, "index.parquet")).to_pylist()
+
+
+def manifest_of(store: StageStore, dataset: str) -> list[dict]:
+    return pq.read_table(store.path("manifest", f"{dataset}.parquet")).to_pylist()
+
+
+def rejects_of(store: StageStore, dataset: str) -> dict[str, str]:
+    rows = pq.read_table(store.path("shards", dataset, "rejects.parquet")).to_pylist()
+    return {r["track_id"]: r["reason"] for r in rows}
+
+
+def read_samples(store: StageStore, dataset: str) -> list[dict]:
+    import webdataset as wds
+
+    shards = sorted({r["shard"] for r in index_of(store, dataset)})
+    urls = [store.path("shards", dataset, s) for s in shards]
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def assert_consistent(store: StageStore, dataset: str) -> list[dict]:
+    """Index, manifest and the shards on disk describe the same samples."""
+    index = index_of(store, dataset)
+    manifest = manifest_of(store, dataset)
+    assert visible_shards(store, dataset) == sorted({r["shard"] for r in index})
+    assert [r["track_id"] for r in index] == [r["track_id"] for r in manifest]
+    assert [r["shard"] for r in index] == [r["shard"] for r in manifest]
+    samples = read_samples(store, dataset)
+    assert [s["__key__"] for s in samples] == [r["track_id"] for r in index]
+    for s, r in zip(samples, index):
+        assert s["__url__"].endswith(r["shard"])
+        assert len(s["flac"]) + len(s["json"]) + len(s["txt"]) == r["bytes"]
+    return samples
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, synth_corpus, tiny_models_dir):
+    root = tmp_path_factory.mktemp("pack")
+    cfg = build_work(root, synth_corpus, tiny_models_dir)
+    store = StageStore(cfg.work_root)
+    summary = pack(cfg)
+    return SimpleNamespace(root=root, cfg=cfg, store=store, summary=summary, manifest=manifest_of(store, "default"))
+
+
+def test_shards_read_back_through_webdataset(work):
+    samples = assert_consistent(work.store, "default")
+    rows = work.manifest
+    assert len(rows) == work.summary["packed"] >= 5
+    assert [r["track_id"] for r in rows] == sorted(r["track_id"] for r in rows)
+    assert work.summary["shards"] > 1 and any(n > 1 for n in
+                                              np.unique([r["shard"] for r in rows], return_counts=True)[1])
+    for sample, row in zip(samples, rows):
+        meta = json.loads(sample["json"])
+        assert meta["track_id"] == sample["__key__"] == row["track_id"]
+        assert "uri" not in meta and "partition" not in meta
+        for field in ("duration", "language", "lyric_id", "bpm", "key", "caption", "tags", "structure", "pq"):
+            assert meta[field] == row[field], field
+        assert (meta["sample_rate"], meta["channels"]) == (44100, 2)
+        expected_text = row["lyrics"] or row["transcript"] or ""
+        assert sample["txt"].decode() == expected_text == meta["lyrics_text"]
+        audio_data, sr = sf.read(io.BytesIO(sample["flac"]), dtype="float32", always_2d=True)
+        assert sr == 44100 and audio_data.shape[1] == 2
+        assert abs(len(audio_data) / sr - row["duration"]) < 2e-3, row["uri"]
+        assert row["flac_bytes"] == len(sample["flac"])
+    # The FLAC is the source's audio: compare one track with the loader's own decode.
+    row = rows[0]
+    track = next(t for t in work.store.read_catalog().to_pylist() if t["track_id"] == row["track_id"])
+    reference = audio.load_track(track, 44100, 2, work.cfg.audio)
+    decoded, _ = sf.read(io.BytesIO(samples[0]["flac"]), dtype="float32", always_2d=True)
+    n = min(decoded.shape[0], reference.shape[1])
+    assert np.max(np.abs(decoded[:n].T - np.clip(reference[:, :n], -1, 1))) < 1e-4
+
+
+def test_shards_respect_the_target_size(work):
+    target = work.cfg.pack.shard_bytes
+    index = index_of(work.store, "default")
+    for shard in visible_shards(work.store, "default"):
+        size = os.path.getsize(work.store.path("shards", "default", shard))
+        members = [r for r in index if r["shard"] == shard]
+        assert size <= target or len(members) == 1, (shard, size, len(members))
+        with tarfile.open(work.store.path("shards", "default", shard)) as tar:
+            assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" for m in tar.getmembers())
+
+
+def test_manifest_is_the_join_of_kept_tracks(work):
+    table = pq.read_table(work.store.path("manifest", "default.parquet"))
+    assert table.schema.remove_metadata().equals(MANIFEST_SCHEMA)
+    assert set(json.loads(table.schema.metadata[b"stage_keys"])) == set(work.cfg.stages)
+    catalog = work.store.read_catalog().to_pylist()
+    packed = {r["track_id"] for r in work.manifest}
+    s = work.summary
+    assert s["catalog_tracks"] == len(catalog)
+    assert s["packed"] + s["rejected"] + s["not_ok_upstream"] + s["stage_missing"] == len(catalog)
+    assert not packed & {t["track_id"] for t in catalog if t["status"] != "ok"}
+    # The fixture has aesthetics reject one probe-ok track: it is upstream's, not in the pack.
+    keys = json.loads(table.schema.metadata[b"stage_keys"])
+    aesthetics = pq.read_table(work.store.stage_path("aesthetics", keys["aesthetics"], 0)).to_pylist()
+    rejected = [r["track_id"] for r in aesthetics if r["status"] != "ok"]
+    assert len(rejected) == 1 and rejected[0] not in packed
+    row = work.manifest[0]
+    assert row["structure"][0]["label"] == "intro" and row["tags"] == ["pop", "synthesizer"]
+    assert row["shard"].startswith("shard-") and row["source_sample_rate"] > 0
+
+
+def test_rerun_skips_and_a_thread_count_change_does_not_repack(work):
+    shard_dir = Path(work.store.path("shards", "default"))
+    before = {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
+    again = pack(with_overrides(work.cfg, "pack.workers=1"))
+    assert again["skipped"] is True
+    for k in ("packed", "shards", "bytes", "rejected", "fingerprint", "hours"):
+        assert again[k] == work.summary[k], k
+    assert {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()} == before
+
+
+def test_changing_a_pack_value_repacks(work):
+    small = with_overrides(work.cfg, "pack.shard_bytes=100000")
+    first = pack(small, "resize")
+    assert first["skipped"] is False and first["shards"] == first["packed"]   # one sample per shard
+    assert_consistent(work.store, "resize")
+    mono = with_overrides(work.cfg, "pack.sample_rate=22050", "pack.channels=1")
+    second = pack(mono, "resize")
+    assert second["skipped"] is False and second["shards"] < first["shards"]
+    samples = assert_consistent(work.store, "resize")   # shards of the first pack are gone
+    for s in samples:
+        info = sf.info(io.BytesIO(s["flac"]))
+        assert (info.samplerate, info.channels) == (22050, 1)
+        assert json.loads(s["json"])["sample_rate"] == 22050
+    assert pack(mono, "resize")["skipped"] is True
+
+
+def _expected(rows, predicate):
+    return sorted(r["track_id"] for r in rows if predicate(r))
+
+
+def _median(rows, field):
+    return sorted(r[field] for r in rows)[len(rows) // 2]
+
+
+@pytest.mark.parametrize("name", ["min_duration_s", "max_duration_s", "min_pq", "min_ce", "languages",
+                                  "require_lyrics", "min_lyrics_score"])
+def test_each_filter_leaves_out_the_right_tracks(work, name):
+    rows = work.manifest
+    if name in ("min_duration_s", "max_duration_s", "min_pq", "min_ce"):
+        field = {"min_duration_s": "duration", "max_duration_s": "duration"}.get(name, name[4:])
+        value = _median(rows, field)
+        override = f"pack.filter.{name}={value}"
+        out = _expected(rows, (lambda r: r[field] > value) if name.startswith("max") else (lambda r: r[field] < value))
+        pattern = f"filtered: {field}"
+    elif name == "languages":
+        override, pattern = "pack.filter.languages=[en]", "filtered: language"
+        out = _expected(rows, lambda r: r["language"] != "en" and not r["instrumental"])
+    elif name == "require_lyrics":
+        override, pattern = "pack.filter.require_lyrics=true", "filtered: no matched lyrics"
+        out = _expected(rows, lambda r: r["lyric_id"] is None)
+    else:
+        override, pattern = "pack.filter.min_lyrics_score=0.95", "filtered: lyrics score"
+        out = _expected(rows, lambda r: r["lyric_id"] is not None)
+    assert 0 < len(out) < len(rows), (name, out)
+    kept, rejects, _ = candidates(work.store, with_overrides(work.cfg, override))
+    assert sorted(r["track_id"] for r in rejects) == out
+    assert all(r["reason"].startswith(pattern) and name in r["reason"] for r in rejects), rejects
+    assert sorted(r["track_id"] for r, _ in kept) == sorted(set(r["track_id"] for r in rows) - set(out))
+
+
+def test_a_filtered_pack_writes_its_rejects(work):
+    cfg = with_overrides(work.cfg, "pack.filter.languages=[en]")
+    summary = pack(cfg, "english")
+    assert_consistent(work.store, "english")
+    assert {r["language"] for r in manifest_of(work.store, "english")} == {"en"}
+    rejects = rejects_of(work.store, "english")
+    assert summary["rejected"] == len(rejects) > 0 and summary["reasons"] == {"filtered": len(rejects)}
+
+
+def _rewrite(path: str, track_id: str, **values) -> None:
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    for r in rows:
+        if r["track_id"] == track_id:
+            r.update(values)
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+
+
+def test_rows_without_a_required_field_are_left_out_with_a_reason(work, tmp_path):
+    copy = tmp_path / "work"
+    shutil.copytree(work.cfg.work_root, copy, ignore=shutil.ignore_patterns("shards", "manifest", ".lock-*"))
+    cfg = with_overrides(work.cfg, work=copy)
+    store = StageStore(cfg.work_root)
+    keys = json.loads(pq.read_schema(work.store.path("manifest", "default.parquet")).metadata[b"stage_keys"])
+    rows = work.manifest
+    by_id = {r["track_id"]: r for r in rows}
+    matched = next(r["track_id"] for r in rows if r["lyric_id"] is not None)
+    a, b, c, d, e = [r["track_id"] for r in rows if r["track_id"] != matched][:5]
+
+    def stage_file(stage, tid):
+        return store.stage_path(stage, keys[stage], by_id[tid]["partition"])
+
+    _rewrite(stage_file("probe", a), a, duration=None)
+    _rewrite(store.catalog_path(by_id[a]["partition"]), a, duration=None)
+    _rewrite(store.catalog_path(by_id[b]["partition"]), b, sample_rate=None)
+    _rewrite(stage_file("caption", c), c, description=None)
+    _rewrite(stage_file("rhythm", d), d, bpm=None)
+    _rewrite(stage_file("aesthetics", e), e, pq=None)
+    _rewrite(stage_file("lyrics", matched), matched, lyrics=None)
+
+    summary = pack(cfg)
+    assert rejects_of(store, "default") == {
+        a: "missing_field: duration is null (the catalog or probe row lacks it; re-run curate)",
+        b: "missing_field: source_sample_rate is null (the catalog or probe row lacks it; re-run curate)"}
+    assert summary["packed"] == len(rows) - 2
+    assert_consistent(store, "default")
+
+    cases = [("pack.filter.require_caption=true", c, "filtered: no caption"),
+             ("pack.filter.require_bpm=true", d, "filtered: no tempo"),
+             ("pack.filter.min_pq=0", e, "missing_field: pq is null"),
+             ("pack.filter.require_lyrics=true", matched, "missing_field: lyrics is null")]
+    for override, tid, reason in cases:
+        _, rejects, _ = candidates(store, with_overrides(cfg, override))
+        reasons = {r["track_id"]: r["reason"] for r in rejects}
+        assert reasons[tid].startswith(reason), (override, reasons)
+        if override != "pack.filter.require_lyrics=true":   # that one also filters the unmatched
+            assert set(reasons) == {a, b, tid}, (override, reasons)
+
+
+def test_audio_that_fails_at_pack_time_is_left_out(tmp_path, synth_corpus, tiny_models_dir):
+    cfg = build_work(tmp_path, synth_corpus, tiny_models_dir)
+    store = StageStore(cfg.work_root)
+    kept, _, _ = candidates(store, cfg)
+    by_name = {Path(t["uri"]).name: t for _, t in kept}
+    truncated, replaced, deleted = by_name["song-007.wav"], by_name["song-006.flac"], by_name["song-002.ogg"]
+    path = Path(os.fsdecode(truncated["uri_raw"]))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])       # cut after ingest
+    shutil.copy(synth_corpus / "audio" / "song-003-96k.flac", os.fsdecode(replaced["uri_raw"]))
+    os.remove(os.fsdecode(deleted["uri_raw"]))
+
+    summary = pack(cfg)
+    reasons = rejects_of(store, "default")
+    assert set(reasons) == {truncated["track_id"], replaced["track_id"], deleted["track_id"]}
+    assert reason_code(reasons[truncated["track_id"]]) == "source_changed"
+    assert reason_code(reasons[replaced["track_id"]]) == "source_changed"
+    assert reason_code(reasons[deleted["track_id"]]) == "source_missing"
+    assert "song-002.ogg" in reasons[deleted["track_id"]]
+    assert summary["packed"] == len(kept) - 3 and summary["reasons"] == {"source_changed": 2, "source_missing": 1}
+    assert_consistent(store, "default")
+
+    # Without re-hashing, the loader's own guard catches the cut file as it decodes it. (Its
+    # per-process cache still holds this process's probe decodes, keyed by path: clear it.)
+    audio.DECODE_CACHE.clear()
+    pack(with_overrides(cfg, "pack.verify_source=false"), "unverified")
+    reasons = rejects_of(store, "unverified")
+    assert reason_code(reasons[truncated["track_id"]]) == "truncated"
+    assert deleted["track_id"] in reasons
+    assert_consistent(store, "unverified")
+
+
+def test_same_manifest_and_config_give_byte_identical_shards(work, tmp_path, synth_corpus, tiny_models_dir):
+    other = build_work(tmp_path, synth_corpus, tiny_models_dir)
+    summary = pack(other)
+    other_store = StageStore(other.work_root)
+    names = visible_shards(work.store, "default")
+    assert names == visible_shards(other_store, "default") and summary["fingerprint"] == work.summary["fingerprint"]
+    for name in names:
+        a = Path(work.store.path("shards", "default", name)).read_bytes()
+        b = Path(other_store.path("shards", "default", name)).read_bytes()
+        assert a == b, name
+    assert index_of(work.store, "default") == index_of(other_store, "default")
+
+
+KILLER = r"""
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from schemas.config import Config
+from tasks import pack, shards
+
+original = shards.ShardWriter.add
+def add(self, key, files):
+    shard = original(self, key, files)
+    if len(self.shards) == 2:          # one sample into the second shard: die mid-shard
+        self._fh.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return shard
+shards.ShardWriter.add = add
+cfg = Config.model_validate_json(open({cfg!r}).read())
+pack.pack(cfg, "crash")
+"""
+
+
+def test_a_killed_pack_leaves_no_partial_shard_and_no_index(work, tmp_path):
+    store = work.store
+    pack(with_overrides(work.cfg, "pack.shard_bytes=1000000000"), "crash")   # a complete earlier pack
+    assert visible_shards(store, "crash") == ["shard-000000.tar"]
+    cfg = with_overrides(work.cfg)   # the default's shard size: several shards
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    script = KILLER.format(repo=str(REPO), cfg=str(tmp_path / "cfg.json"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+
+    shard_dir = Path(store.path("shards", "crash"))
+    assert not (shard_dir / "index.parquet").exists()
+    assert not Path(store.path("manifest", "crash.parquet")).exists()
+    assert not (shard_dir / "rejects.parquet").exists()
+    assert [p.name for p in shard_dir.glob(".tmp-*shard-000001.tar")], "the kill did not land mid-shard"
+    assert visible_shards(store, "crash") == ["shard-000000.tar"]
+    with tarfile.open(shard_dir / "shard-000000.tar") as tar:   # the visible shard is complete
+        names = [m.name for m in tar.getmembers()]
+        assert all(len(tar.extractfile(m).read()) == m.size for m in tar.getmembers())
+    assert names == [n for n in names if n.split(".")[0] in {r["track_id"] for r in work.manifest}]
+
+    summary = pack(cfg, "crash")   # the rerun cleans up and builds what a clean run builds
+    assert summary["skipped"] is False
+    assert not list(shard_dir.glob(".tmp-*")) and not list(Path(store.root).glob(".lock-*"))
+    assert_consistent(store, "crash")
+    for name in visible_shards(store, "crash"):
+        assert (shard_dir / name).read_bytes() == Path(store.path("shards", "default", name)).read_bytes()
+
+
+def test_an_error_mid_pack_removes_the_open_shard(work, monkeypatch):
+    from tasks import shards
+
+    original, calls = shards.ShardWriter.add, []
+
+    def add(self, key, files):
+        calls.append(key)
+        if len(calls) == 4:
+            raise OSError("disk full")
+        return original(self, key, files)
+
+    monkeypatch.setattr(shards.ShardWriter, "add", add)
+    with pytest.raises(OSError, match="disk full"):
+        pack(work.cfg, "failing")
+    shard_dir = Path(work.store.path("shards", "failing"))
+    assert not list(shard_dir.glob(".tmp-*")) and not (shard_dir / "index.parquet").exists()
+    monkeypatch.undo()
+    pack(work.cfg, "failing")
+    assert_consistent(work.store, "failing")
+
+
+def _is_png(data: bytes) -> bool:
+    import matplotlib.image
+
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return False
+    return matplotlib.image.imread(io.BytesIO(data), format="png").ndim == 3
+
+
+def test_flow_writes_shards_report_and_artifact(prefect_harness, work):
+    from prefect.artifacts import Artifact
+
+    from flows.params import DatasetParams
+    from flows.pack import pack as pack_flow
+
+    params = DatasetParams(config="tiny", work_root=work.cfg.work_root, dataset="flow_run",
+                           overrides=fixture_overrides(Path(work.cfg.models.tiny_dir), Path(work.cfg.lyrics_db)))
+    summary = pack_flow(params)
+    assert summary["packed"] == work.summary["packed"] and summary["skipped"] is False
+    assert_consistent(work.store, "flow_run")
+    shard_dir = Path(work.store.path("shards", "flow_run"))
+    report = (shard_dir / "report.md").read_text()
+    charts = sorted(p.name for p in shard_dir.glob("report-*.png"))
+    assert charts == ["report-aesthetics.png", "report-bpm.png", "report-durations.png", "report-keys.png",
+                      "report-languages.png"]
+    assert all(_is_png((shard_dir / c).read_bytes()) for c in charts)
+    assert all(f"]({c})" in report for c in charts) and f"**{summary['packed']}**" in report
+    artifact = Artifact.get("dataset-report-flow-run")
+    assert artifact is not None and artifact.data.count("data:image/png;base64,") == len(charts)
+    assert pack_flow(params)["skipped"] is True
+
+
+def test_cli_packs_and_refuses_an_empty_work_root(prefect_harness, work, tmp_path, capsys):
+    from flows.cli import main
+
+    args = ["pack", "--config", "tiny", "--work", work.cfg.work_root, "--dataset", "from_cli"]
+    for o in fixture_overrides(Path(work.cfg.models.tiny_dir), Path(work.cfg.lyrics_db)):
+        args += ["--set", o]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{work.summary['packed']} tracks" in out and "shards/from_cli" in out
+    assert_consistent(work.store, "from_cli")
+    assert main(["pack", "--config", "tiny", "--work", str(tmp_path / "empty")]) == 2
+    assert "no catalog" in capsys.readouterr().err
+    assert main(args[:-2] + ["--dataset", "../escape"] + args[-2:]) == 2
