@@ -17,7 +17,7 @@ from flows.params import RunParams
 from flows.runners import ensure_gpu_limit, gpu_tag, task_runner_for
 from schemas.config import Config
 from tasks.ingest import IngestResult, check_sources, ingest
-from tasks.stage import check_stages, dag_order, run_partition, stage_class, stage_keys
+from tasks.stage import TransientError, check_stages, dag_order, run_partition, stage_class, stage_keys
 from tasks.store import StageStore
 from tasks.summary import outcome_counts, stage_table, track_outcomes
 
@@ -27,7 +27,15 @@ def ingest_task(cfg: Config) -> IngestResult:
     return ingest(cfg, StageStore(cfg.work_root))
 
 
-@task(name="stage", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60])
+def retry_only_transient(task, task_run, state) -> bool:
+    """Retry a stage task only for faults that may pass (a model server timing out, storage
+    I/O); a missing checkpoint or a bug fails the same way every time and is not retried."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, (TransientError, ConnectionError, TimeoutError))
+
+
+@task(name="stage", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=retry_only_transient)
 def stage_task(cfg: Config, name: str, partition: int, keys: dict[str, str]) -> dict:
     return run_partition(StageStore(cfg.work_root), cfg, name, partition, keys)
 

@@ -61,6 +61,10 @@ class CaptionConfig(BaseModel):
     prompt: str = Field(CAPTION_PROMPT, description="user instruction after the audio; it must ask for JSON "
                         "or Description:/Genre:/Instruments:/Vocals:/Mood:/Tags: lines (what the parser reads)")
     max_new_tokens: int = Field(256, ge=1, description="generation cap per track")
+    on_malformed: Literal["reject", "keep_raw"] = Field(
+        "reject", description="an answer with no usable description or tags: reject the track "
+        "(malformed_caption, raw kept), or keep it with the raw text as its description and only the "
+        "BPM/key tags (the tiny profile: a random twin never writes JSON)")
     temperature: float = Field(0.0, ge=0, description="0 = greedy (reproducible); >0 samples")
     # openai backend
     url: str = Field("http://127.0.0.1:8000/v1", description="base URL of the chat-completions server")

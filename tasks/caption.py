@@ -137,8 +137,14 @@ def normalise_tags(phrases: list[str], synonyms: dict[str, str] | None = None,
 
 
 def caption_fields(raw: str, rhythm: dict | None, cfg: CaptionConfig) -> dict:
-    """The stage's fields for one track from the model's text (MalformedCaption if unusable)."""
-    parsed = parse_caption(raw)
+    """The stage's fields for one track from the model's text (MalformedCaption if unusable,
+    unless caption.on_malformed keeps the raw text as the description)."""
+    try:
+        parsed = parse_caption(raw)
+    except MalformedCaption:
+        if cfg.on_malformed != "keep_raw" or not raw.strip():
+            raise
+        parsed = {"description": " ".join(raw.split()), **{key: [] for key in LIST_FIELDS}}
     fields = {"description": parsed["description"]}
     for key in LIST_FIELDS:
         fields[key] = normalise_tags(parsed[key], cfg.synonyms, cfg.max_tag_words)

@@ -140,7 +140,7 @@ def test_scoring_only_the_last_position_changes_no_answer(twin):
 # ---- the stage on synthetic songs ------------------------------------------------------------
 
 def test_every_song_gets_a_row_that_fits_the_schema_with_the_raw_text_kept(make_stage, songs):
-    rows = make_stage().process(songs)
+    rows = make_stage("caption.on_malformed=reject").process(songs)
     table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
     assert table.column("track_id").to_pylist() == [s["track_id"] for s in songs]
     for row, song in zip(rows, songs):
@@ -154,6 +154,10 @@ def test_every_song_gets_a_row_that_fits_the_schema_with_the_raw_text_kept(make_
             assert row["status"] == STATUS_OK and row["description"] and row["tags"]
     # random weights speak no JSON: the reject path is what the twin exercises
     assert any(r["status"] == STATUS_REJECTED for r in rows)
+    # the tiny profile keeps those tracks, with the twin's text as their description
+    kept = make_stage().process(songs)
+    assert all(r["status"] == STATUS_OK and r["description"] == " ".join(r["raw"].split()) for r in kept
+               if r["raw"].strip())
 
 
 def test_greedy_answers_do_not_depend_on_the_batch_size(make_stage, songs):
@@ -266,3 +270,17 @@ def test_twin_builder_writes_a_loadable_directory_again(tmp_path, twin):
             safe_open(str(tmp_path / "model.safetensors"), "pt") as b:
         key = "thinker.audio_tower.conv1.weight"
         assert np.array_equal(a.get_tensor(key).numpy(), b.get_tensor(key).numpy())
+
+
+def test_keep_raw_keeps_a_malformed_answer_as_the_description():
+    from schemas.caption import CaptionConfig
+    from tasks.caption import MalformedCaption, caption_fields
+
+    rhythm = {"tempo_phrase": "120 bpm", "key_phrase": "a minor"}
+    with pytest.raises(MalformedCaption):
+        caption_fields("zx qq  vv", rhythm, CaptionConfig())
+    kept = caption_fields("zx qq  vv", rhythm, CaptionConfig(on_malformed="keep_raw"))
+    assert kept["description"] == "zx qq vv"
+    assert kept["tags"] == ["120 bpm", "a minor"] and kept["genre"] == []
+    with pytest.raises(MalformedCaption):      # an empty answer is never a caption
+        caption_fields("  ", rhythm, CaptionConfig(on_malformed="keep_raw"))

@@ -34,6 +34,10 @@ def test_every_file_is_accounted_for(prefect_harness, synth_corpus, tmp_path, ba
     n_duplicates = sum(1 for s in truth["songs"] if s["kind"] == "duplicate")
     assert summary["found"] == len(truth["songs"])
     assert summary["tracks"] == len(truth["songs"]) - n_duplicates
+    # every model stage of the tiny profile ran on the good tracks inside the flow
+    rows = {s["stage"]: s for s in summary["stages"]}
+    for name in ("aesthetics", "transcribe", "lyrics", "rhythm", "caption"):
+        assert rows[name]["ok"] == summary["ok"] > 0, rows[name]
 
     from schemas.config import load_config
 
