@@ -49,6 +49,18 @@ NOT_IN_SAMPLE = ("uri", "partition", "shard", "flac_bytes")
 
 
 # -- the manifest: join and filter ------------------------------------------------------------
+# The stage columns the manifest takes: only these are read (beats, words and alignments of
+# 1.8M tracks would not fit in memory, and the manifest does not carry them).
+STAGE_COLUMNS = {
+    "probe": ["duration", "peak_dbfs", "rms_dbfs"],
+    "aesthetics": ["ce", "cu", "pc", "pq"],
+    "transcribe": ["language", "text", "instrumental"],
+    "lyrics": ["lyric_id", "score", "language", "title", "artist", "lyrics"],
+    "rhythm": ["bpm", "key", "scale", "segments"],
+    "caption": ["description", "tags"],
+}
+
+
 def _get(row: dict, stage: str, field: str):
     return (row.get(stage) or {}).get(field)
 
@@ -140,7 +152,8 @@ def candidates(store: StageStore, cfg: Config) -> tuple[list[tuple[dict, dict]],
                 upstream["stage_missing"] += len(rows)
                 rows = {}
                 break
-            found = {r["track_id"]: r for r in store.read_table(path).to_pylist()}
+            columns = ["track_id", "status", *STAGE_COLUMNS.get(name, [])]
+            found = {r["track_id"]: r for r in store.read_table(path, columns=columns).to_pylist()}
             for tid in list(rows):
                 up = found.get(tid)
                 if up is None or up["status"] != STATUS_OK:

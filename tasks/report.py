@@ -115,7 +115,8 @@ def build_report(manifest: pa.Table, rejects: list[dict], summary: dict, charts:
 
     durations = [r["duration"] for r in rows if r["duration"] is not None]
     if durations:
-        out += ["## Durations", "", f"min {min(durations):.1f} s, median {sorted(durations)[len(durations) // 2]:.1f} s, "
+        median = sorted(durations)[len(durations) // 2]
+        out += ["## Durations", "", f"min {min(durations):.1f} s, median {median:.1f} s, "
                 f"max {max(durations):.1f} s", ""]
         if charts:
             png["report-durations.png"] = _hist(durations, "durations", "seconds")

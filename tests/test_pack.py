@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pack_fixtures import build_work, fixture_overrides, tiny_config  # noqa: E402
+from pack_fixtures import build_work, fixture_overrides, stage_row, tiny_config  # noqa: E402
 
 from schemas.common import reason_code  # noqa: E402
 from schemas.pack import MANIFEST_SCHEMA  # noqa: E402
@@ -140,9 +140,23 @@ def test_manifest_is_the_join_of_kept_tracks(work):
     aesthetics = pq.read_table(work.store.stage_path("aesthetics", keys["aesthetics"], 0)).to_pylist()
     rejected = [r["track_id"] for r in aesthetics if r["status"] != "ok"]
     assert len(rejected) == 1 and rejected[0] not in packed
-    row = work.manifest[0]
-    assert row["structure"][0]["label"] == "intro" and row["tags"] == ["pop", "synthesizer"]
-    assert row["shard"].startswith("shard-") and row["source_sample_rate"] > 0
+    for row in work.manifest:   # every stage's value reaches its manifest column
+        up = {name: stage_row(name, row) for name in ("aesthetics", "transcribe", "lyrics", "rhythm", "caption")}
+        matched = up["lyrics"]["lyric_id"] is not None
+        axes = ("ce", "cu", "pc", "pq")
+        assert [round(row[a], 3) for a in axes] == [up["aesthetics"][a] for a in axes]
+        assert row["transcript"] == up["transcribe"]["text"]
+        assert row["instrumental"] == up["transcribe"]["instrumental"]
+        assert row["language"] == (up["lyrics"]["language"] if matched else up["transcribe"]["language"])
+        for column, (stage, field) in {"lyric_id": ("lyrics", "lyric_id"), "lyrics": ("lyrics", "lyrics"),
+                                       "title": ("lyrics", "title"), "artist": ("lyrics", "artist"),
+                                       "bpm": ("rhythm", "bpm"), "key": ("rhythm", "key"),
+                                       "scale": ("rhythm", "scale"), "structure": ("rhythm", "segments"),
+                                       "caption": ("caption", "description"), "tags": ("caption", "tags")}.items():
+            assert row[column] == up[stage][field], column
+        assert (row["lyrics_score"] is None) == (not matched)
+        assert row["peak_dbfs"] is not None and row["rms_dbfs"] is not None and row["source_sample_rate"] > 0
+        assert row["shard"].startswith("shard-") and row["codec"]
 
 
 def test_rerun_skips_and_a_thread_count_change_does_not_repack(work):
