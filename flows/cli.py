@@ -8,6 +8,7 @@
     acepipe lyrics index --db DB --out DIR        build the IPA MinHash index of a lyrics database
     acepipe tiny-models DIR [NAME...]             build the tiny model twins
     acepipe pack|latents --config C --work W [--dataset NAME]   the pack and latents flows
+    acepipe pipeline [--config C] [--train-config T] [--max-steps N] [--no-train]   curate -> pack -> latents -> train
     acepipe train --config configs/train/tiny.yaml --out DIR [--resume]
     acepipe caption-server --checkpoint REF --port 8000    OpenAI-compatible caption endpoint
 """
@@ -82,6 +83,26 @@ def cmd_run(args) -> int:
         print(json.dumps(summary, indent=1))
     else:
         print_summary(summary)
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from flows.pipeline import PipelineParams, pipeline
+
+    params = _params(args)
+    params.load()  # a malformed config fails here, before Prefect starts
+    result = pipeline(PipelineParams(run=params, dataset=args.dataset, train=not args.no_train,
+                                     train_config=args.train_config, max_steps=args.max_steps,
+                                     train_overrides=args.train_set))
+    print_summary(result["curate"])
+    pack, lat = result["pack"], result["latents"]
+    print(f"\npack        {pack['packed']} tracks in {pack['shards']} shards ({pack['bytes'] / 1e6:.1f} MB), "
+          f"{pack['rejected']} left out")
+    print(f"latents     {lat['tracks']} tracks encoded in {lat['shards']} shards, {lat['rejected']} rejected")
+    if "train" in result:
+        final = result["train"]
+        print(f"train       step {final['step']}, checkpoint {final['checkpoint']}")
+        print("            " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(final["metrics"].items())))
     return 0
 
 
@@ -162,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--dataset", default="default", help="dataset name under manifest/ and shards/")
         p.set_defaults(func=lambda a, name=name: _call(f"flows.{name}:cli", a))
+
+    p = sub.add_parser("pipeline", help="curate -> pack -> latents -> train, as one Prefect run")
+    _add_config_args(p)
+    p.add_argument("--source", action="append", help="source dir, URL or .txt list (repeatable)")
+    p.add_argument("--dataset", default="default", help="dataset name under manifest/, shards/, latents/")
+    p.add_argument("--train-config", default="default", help="configs/train/<name>.yaml or a YAML path")
+    p.add_argument("--max-steps", type=int, help="overrides trainer.max_steps")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="training config override")
+    p.add_argument("--no-train", action="store_true", help="stop after the latents")
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("caption-server", help="OpenAI-compatible caption server over the Qwen-Omni adapter")
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="see python -m tasks.caption_server --help")
