@@ -271,8 +271,8 @@ def _pack(cfg: Config, dataset: str, store: StageStore) -> dict:
     fp = fingerprint(cfg, dataset, upstream["keys"], [r["track_id"] for r, _ in pairs])
     summary = {"dataset": dataset, "work_root": cfg.work_root, "fingerprint": fp, **upstream}
 
-    if store.exists(index_path):
-        index = store.read_table(index_path)
+    index = _read_index(store, index_path)
+    if index is not None:
         shards = sorted(set(index.column("shard").to_pylist()))
         if (index.schema.metadata or {}).get(b"fingerprint", b"").decode() == fp and \
                 store.exists(manifest_path) and store.exists(rejects_path) and \
@@ -311,6 +311,17 @@ def _pack(cfg: Config, dataset: str, store: StageStore) -> dict:
     store.write_table(index_path, index)  # last: its presence says the rest is complete
     return {**summary, "skipped": False, "packed": len(packed), "shards": len(shards),
             **_outcome(rejects, index_rows), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _read_index(store: StageStore, index_path: str) -> pa.Table | None:
+    """The index on disk, or None when there is none or it does not read (a power cut can
+    leave a renamed file without its data): either way the pack is rebuilt."""
+    if not store.exists(index_path):
+        return None
+    try:
+        return store.read_table(index_path)
+    except (OSError, pa.ArrowInvalid):
+        return None
 
 
 def _outcome(rejects: list[dict], index_rows: list[dict]) -> dict:

@@ -8,6 +8,7 @@ never sees a partial shard, and a killed writer leaves only a temporary to clean
 """
 from __future__ import annotations
 
+import os
 import posixpath
 import tarfile
 import uuid
@@ -97,6 +98,11 @@ class ShardWriter:
         if self._fh is None:
             return
         self._fh.write(bytes(_padded_archive(self._bytes) - self._bytes))  # end-of-archive blocks
+        if self.store.local:
+            # On disk before the rename (and before any index that names it): after a power
+            # cut the name never points at data that was not written.
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
         self._fh.close()
         self.store.fs.mv(self._tmp, posixpath.join(self.directory, self.shards[-1]))
         self._fh = None

@@ -183,6 +183,9 @@ def test_changing_a_pack_value_repacks(work):
         assert (info.samplerate, info.channels) == (22050, 1)
         assert json.loads(s["json"])["sample_rate"] == 22050
     assert pack(mono, "resize")["skipped"] is True
+    Path(work.store.path("shards", "resize", "index.parquet")).write_bytes(b"")   # a power cut's remains
+    assert pack(mono, "resize")["skipped"] is False
+    assert_consistent(work.store, "resize")
 
 
 def _expected(rows, predicate):
