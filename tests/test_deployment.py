@@ -80,8 +80,16 @@ def test_deployment_runs_on_a_real_server(prefect_server, synth_corpus, tmp_path
     url, env, procs = prefect_server
     out = run([PREFECT, "work-pool", "create", "acepipe-process", "--type", "process"], env)
     assert out.returncode == 0, out.stderr
-    out = run([PREFECT, "--no-prompt", "deploy", "--name", "nightly"], env)
+    out = run([PREFECT, "--no-prompt", "deploy", "--all"], env, timeout=300)   # as the README says
     assert out.returncode == 0, out.stdout + out.stderr
+    deployments = api(url, "/deployments/filter", {})
+    flows_by_id = {f["id"]: f["name"] for f in api(url, "/flows/filter", {})}
+    names = {f"{flows_by_id[d['flow_id']]}/{d['name']}" for d in deployments}
+    assert names == {"curate/nightly", "pack/default", "latents/default", "train/default", "pipeline/full"}
+    nightly = next(d for d in deployments if d["name"] == "nightly")
+    assert nightly["schedules"] and nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    form = next(d for d in deployments if d["name"] == "full")["parameter_openapi_schema"]
+    assert "params" in form["properties"]          # the UI's run form comes from the pydantic model
     worker_log = open(tmp_path / "worker.log", "wb")
     procs.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "acepipe-process"], env=env,
                                   cwd=REPO, stdout=worker_log, stderr=subprocess.STDOUT,
