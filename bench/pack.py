@@ -8,6 +8,8 @@ go into shards of the same boundaries through (1) tasks.shards.ShardWriter, (2) 
 tarfile, (3) GNU `tar -cf` over the same member files staged on disk (staging not timed), and
 (4) one plain write of the same number of bytes (the disk's ceiling). Each is timed to the last
 byte written (page cache) and to fsync of every file; the median of --repeats runs, alternating.
+ShardWriter fsyncs each shard before renaming it, so its "written" figure already includes that:
+compare the "to fsync" columns.
 Reading: the shards through webdataset with a torch DataLoader of 2 workers, bytes only and
 with the FLAC decoded by soundfile (page cache warm: this measures our pipeline, not the disk).
 Prints figures and the ours/tar ratios; asserts nothing.
