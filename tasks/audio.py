@@ -283,6 +283,19 @@ def remix(audio: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"remix to {channels} channels is not supported (1 or 2)")
 
 
+def _stamp(path: PathLike) -> tuple[int, int] | None:
+    """(size, mtime) of a local file, so a file replaced after its first decode is decoded
+    again instead of served from the cache; None for remote URLs (objects there are immutable
+    in practice, and a stat would cost a round trip)."""
+    if _is_url(path):
+        return None
+    try:
+        st = os.stat(_source(path))
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def load(path: PathLike, sr: int, channels: int = 1, cfg: AudioConfig | None = None,
          offset_s: float = 0.0, duration_s: float | None = None,
          info: AudioInfo | None = None) -> np.ndarray:
@@ -294,7 +307,7 @@ def load(path: PathLike, sr: int, channels: int = 1, cfg: AudioConfig | None = N
     cfg = cfg or AudioConfig()
     info = info or probe(path, cfg)
     _check_layout(info, cfg)
-    key = (os.fsencode(path) if not isinstance(path, bytes) else path, offset_s, duration_s)
+    key = (os.fsencode(path) if not isinstance(path, bytes) else path, _stamp(path), offset_s, duration_s)
     cached = DECODE_CACHE.get(key)
     if cached is None:
         native = _decode(path, cfg, info, offset_s, duration_s)

@@ -149,3 +149,14 @@ def test_decode_cache_serves_a_second_consumer(tmp_path, cfg):
     misses = audio.DECODE_CACHE.misses
     audio.load(str(p), 44100, 2, cfg)
     assert audio.DECODE_CACHE.misses == misses  # second rate came from the cached decode
+
+
+def test_a_file_replaced_after_its_first_decode_is_decoded_again(tmp_path, cfg):
+    p = tmp_path / "r.wav"
+    sf.write(p, tone(2.0, freq=440.0), SR)
+    audio.DECODE_CACHE.clear()
+    first = audio.load(str(p), SR, 1, cfg)
+    sf.write(p, tone(2.5, freq=880.0), SR)            # same path, new content
+    os.utime(p, ns=(os.stat(p).st_atime_ns, os.stat(p).st_mtime_ns + 10**9))
+    second = audio.load(str(p), SR, 1, cfg)
+    assert second.shape[1] == int(2.5 * SR) != first.shape[1]
