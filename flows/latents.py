@@ -1,7 +1,8 @@
 """The latents flow: one task per audio shard (mapped on the configured task runner), then the index.
 
 Each `latents-shard` task encodes one audio shard into its latent shard and record, or skips it
-when the record on disk has the same fingerprint (tasks/latents.py). The `latents-index` task
+when the record on disk has the same fingerprint (tasks/latents.py); on CUDA the tasks carry
+the `gpu` tag (runner.gpu_concurrency caps them) and only transient faults are retried. The `latents-index` task
 runs last and writes index.parquet only once every shard is complete. A summary is printed,
 returned, and published as a Prefect markdown artifact.
 """
@@ -11,15 +12,16 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from flows.curate import retry_only_transient
 from flows.params import DatasetParams
-from flows.runners import task_runner_for
+from flows.runners import ensure_gpu_limit, gpu_tag, task_runner_for
 from schemas.config import Config
 from tasks.latents import encode_shard, plan, prepare, write_index
 from tasks.store import StageStore
 
 
 @task(name="latents-shard", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60],
-      task_run_name="latents-{shard_plan[shard]}", tags=["gpu"])
+      retry_condition_fn=retry_only_transient, task_run_name="latents-{shard_plan[shard]}")
 def shard_task(cfg: Config, dataset: str, shard_plan: dict) -> dict:
     return encode_shard(cfg, dataset, shard_plan)
 
@@ -31,7 +33,10 @@ def index_task(cfg: Config, the_plan: dict, results: list[dict], index_current: 
 
 @flow(name="latents-shards", log_prints=True)
 def latents_shards(cfg: Config, dataset: str, shards: list[dict]) -> list[dict]:
-    futures = shard_task.map(unmapped(cfg), unmapped(dataset), shards)
+    tag = gpu_tag(True, cfg.device)   # capped by the gpu tag's concurrency limit on CUDA
+    if tag == "gpu":
+        ensure_gpu_limit(cfg.runner.gpu_concurrency)
+    futures = shard_task.with_options(tags=[tag]).map(unmapped(cfg), unmapped(dataset), shards)
     results, failed = [], []
     for s, fut in zip(shards, futures):
         try:

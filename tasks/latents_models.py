@@ -221,8 +221,8 @@ def load_dcae(cfg: LatentsConfig, tiny_dir: str | Path, device: torch.device | s
     """The MusicDCAE of `cfg.dcae` (AutoencoderDC.from_pretrained of a hub id, local dir or twin)."""
     device = torch.device(device)
     dc: DcaeConfig = cfg.dcae
-    key = ("dcae", dc.checkpoint, dc.subfolder, dc.revision, str(Path(tiny_dir)), cfg.model_dump_json(),
-           str(device), _compute_dtype(cfg, device))
+    key = ("dcae", dc.model_dump_json(), cfg.mel.model_dump_json(), str(Path(tiny_dir)), str(device),
+           _compute_dtype(cfg, device))
 
     def build() -> MusicDCAE:
         from diffusers import AutoencoderDC
