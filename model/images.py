@@ -35,7 +35,7 @@ def decode_for_image(latents: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Ten
             with torch.no_grad():
                 mel = dcae.decode(latents).float()
             return (mel[:, 0] if mel.dim() == 4 else mel), "mel"
-        except (ImportError, AttributeError) as exc:
+        except (ImportError, AttributeError, RuntimeError, OSError) as exc:
             _NO_DCAE.add(cfg.validation.dcae_profile)
             log.warning("no DCAE decoder for validation images (%s); drawing latents instead", exc)
     B, C, M, T = latents.shape
