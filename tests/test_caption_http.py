@@ -81,7 +81,7 @@ def make_stage(tiny_models_dir):
     def make(*overrides: str) -> CaptionStage:
         cfg = load_config("tiny", [f"models.tiny_dir={tiny_models_dir}", "device=cpu", "caption.backend=openai",
                                    f"caption.served_model={SERVED}", "caption.max_new_tokens=16",
-                                   "caption.clip_s=10", *overrides], environ={})
+                                   "caption.clip_s=10", "caption.on_malformed=reject", *overrides], environ={})
         stage = CaptionStage(cfg)
         stage.setup()
         return stage
