@@ -279,28 +279,27 @@ def load_ssl(name: str, cfg: SslTargetConfig, tiny_dir: str | Path, device: torc
 
 
 # -- tiny twins (tasks/models.py TINY_BUILDERS) --------------------------------------------------
-def tiny_dcae_config() -> dict:
-    """AutoencoderDC f8c8 as ACE-Step's, four narrow blocks: stereo mel in, 8 latent channels."""
+def _dcae_config(widths: tuple, head_dim: int, enc_layers: tuple, dec_layers: tuple, scaling: float) -> dict:
+    """AutoencoderDC f8c8 as ACE-Step's: stereo mel in, 8 latent channels, three ResBlock stages
+    and an EfficientViT stage (four blocks: f8)."""
     blocks = ("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock")
-    return dict(in_channels=2, latent_channels=8, attention_head_dim=8,
+    return dict(in_channels=2, latent_channels=8, attention_head_dim=head_dim,
                 encoder_block_types=blocks, decoder_block_types=blocks,
-                encoder_block_out_channels=(16, 16, 32, 32), decoder_block_out_channels=(16, 16, 32, 32),
-                encoder_layers_per_block=(1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                encoder_block_out_channels=widths, decoder_block_out_channels=widths,
+                encoder_layers_per_block=enc_layers, decoder_layers_per_block=dec_layers,
                 encoder_qkv_multiscales=((), (), (5,), (5,)), decoder_qkv_multiscales=((), (), (5,), (5,)),
                 upsample_block_type="interpolate", downsample_block_type="Conv",
-                decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=1.0)
+                decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=scaling)
+
+
+def tiny_dcae_config() -> dict:
+    """The twin: four narrow blocks, one layer each."""
+    return _dcae_config((16, 16, 32, 32), 8, (1, 1, 1, 1), (1, 1, 1, 1), 1.0)
 
 
 def real_dcae_config() -> dict:
     """The released music_dcae_f8c8 architecture (for random-weight benchmarks)."""
-    blocks = ("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock")
-    return dict(in_channels=2, latent_channels=8, attention_head_dim=32,
-                encoder_block_types=blocks, decoder_block_types=blocks,
-                encoder_block_out_channels=(128, 256, 512, 1024), decoder_block_out_channels=(128, 256, 512, 1024),
-                encoder_layers_per_block=(2, 2, 3, 3), decoder_layers_per_block=(3, 3, 3, 3),
-                encoder_qkv_multiscales=((), (), (5,), (5,)), decoder_qkv_multiscales=((), (), (5,), (5,)),
-                upsample_block_type="interpolate", downsample_block_type="Conv",
-                decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+    return _dcae_config((128, 256, 512, 1024), 32, (2, 2, 3, 3), (3, 3, 3, 3), 0.41407)
 
 
 def build_tiny_dcae(path: Path) -> None:
