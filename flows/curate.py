@@ -14,10 +14,10 @@ from prefect.cache_policies import NONE
 from prefect.futures import as_completed
 
 from flows.params import RunParams
-from flows.runners import ensure_gpu_limit, gpu_tag, task_runner_for
+from flows.runners import ensure_gpu_limit, gpu_tag, retry_only_transient, task_runner_for
 from schemas.config import Config
 from tasks.ingest import IngestResult, check_sources, ingest
-from tasks.stage import TransientError, check_stages, dag_order, run_partition, stage_class, stage_keys
+from tasks.stage import check_stages, dag_order, run_partition, stage_class, stage_keys
 from tasks.store import StageStore
 from tasks.summary import outcome_counts, stage_table, track_outcomes
 
@@ -25,13 +25,6 @@ from tasks.summary import outcome_counts, stage_table, track_outcomes
 @task(name="ingest", cache_policy=NONE)
 def ingest_task(cfg: Config) -> IngestResult:
     return ingest(cfg, StageStore(cfg.work_root))
-
-
-def retry_only_transient(task, task_run, state) -> bool:
-    """Retry a stage task only for faults that may pass (a model server timing out, storage
-    I/O); a missing checkpoint or a bug fails the same way every time and is not retried."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, (TransientError, ConnectionError, TimeoutError))
 
 
 @task(name="stage", cache_policy=NONE, retries=2, retry_delay_seconds=[10, 60],

@@ -12,9 +12,8 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from flows.curate import retry_only_transient
 from flows.params import DatasetParams
-from flows.runners import ensure_gpu_limit, gpu_tag, task_runner_for
+from flows.runners import ensure_gpu_limit, gpu_tag, retry_only_transient, task_runner_for
 from schemas.config import Config
 from tasks.latents import encode_shard, plan, prepare, write_index
 from tasks.store import StageStore

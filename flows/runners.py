@@ -48,3 +48,12 @@ def ensure_gpu_limit(limit: int, tag: str = "gpu") -> int:
         except ObjectNotFound:
             client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
             return limit
+
+
+def retry_only_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry only faults that may pass (a model server timing out,
+    storage I/O); a missing checkpoint or a bug fails the same way every time."""
+    from tasks.stage import TransientError
+
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, (TransientError, ConnectionError, TimeoutError))

@@ -47,6 +47,7 @@ from schemas.latents import (LATENT_INDEX_SCHEMA, LATENT_RECORD_SCHEMA, LATENT_R
 from tasks.latents_batch import batches, decode_sample, encode_batch, encoders, sample_files
 # The model adapters live in latents_models.py; tasks/models.py and model/images.py find them here.
 from tasks.latents_models import build_tiny_dcae, build_tiny_mert, build_tiny_mhubert, load_dcae  # noqa: F401
+from tasks.pack import check_dataset_name
 from tasks.shards import TMP_PREFIX, ordered_map, tar_header
 from tasks.store import StageStore
 
@@ -78,8 +79,7 @@ def shard_fingerprint(cfg: Config, tracks: list[dict], tar_bytes: int) -> str:
 
 def plan(cfg: Config, dataset: str, store: StageStore) -> dict:
     """The audio shards of `dataset`, each with its tracks (index order) and fingerprint."""
-    if not dataset or "/" in dataset or dataset.startswith("."):
-        raise ValueError(f"dataset name {dataset!r} must be a plain name (no '/', not hidden)")
+    check_dataset_name(dataset)
     audio_index = read_audio_index(store, dataset)
     by_shard: dict[str, list[dict]] = {}
     for row in audio_index.to_pylist():
@@ -110,17 +110,10 @@ def prepare(cfg: Config, the_plan: dict, store: StageStore) -> bool:
             return True
         store.fs.rm(index_path)
     for directory in (out, posixpath.join(out, "records")):
-        for name in _list(store, directory):
+        for name in store.listdir(directory):
             if name.startswith(TMP_PREFIX):
                 store.fs.rm(posixpath.join(directory, name))
     return False
-
-
-def _list(store: StageStore, directory: str) -> list[str]:
-    try:
-        return [posixpath.basename(p) for p in store.fs.ls(directory, detail=False)]
-    except FileNotFoundError:
-        return []
 
 
 def record_path(store: StageStore, dataset: str, shard: str) -> str:
@@ -233,7 +226,7 @@ def write_index(cfg: Config, the_plan: dict, results: list[dict], store: StageSt
             else:
                 rejects.append({"shard": s["shard"], "track_id": r["track_id"], "reason": r["reason"]})
     planned = {s["shard"] for s in the_plan["shards"]}
-    for name in _list(store, out):
+    for name in store.listdir(out):
         if SHARD_RE.match(name) and name not in planned:
             store.fs.rm(posixpath.join(out, name))
             if store.exists(record_path(store, dataset, name)):

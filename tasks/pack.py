@@ -330,22 +330,15 @@ def _outcome(rejects: list[dict], index_rows: list[dict]) -> dict:
             "hours": round(sum(r["duration"] for r in index_rows) / 3600, 3)}
 
 
-def _list(store: StageStore, directory: str) -> list[str]:
-    try:
-        return [posixpath.basename(p) for p in store.fs.ls(directory, detail=False)]
-    except FileNotFoundError:
-        return []
-
-
 def _remove_temporaries(store: StageStore, shard_dir: str) -> None:
     """Temporaries a killed run left behind (the pack lock keeps live runs out)."""
-    for name in _list(store, shard_dir):
+    for name in store.listdir(shard_dir):
         if name.startswith(TMP_PREFIX):
             store.fs.rm(posixpath.join(shard_dir, name))
 
 
 def _remove_stale_shards(store: StageStore, shard_dir: str, keep: set[str]) -> None:
-    for name in _list(store, shard_dir):
+    for name in store.listdir(shard_dir):
         if name.startswith("shard-") and name.endswith(".tar") and name not in keep:
             store.fs.rm(posixpath.join(shard_dir, name))
 

@@ -90,6 +90,13 @@ class StageStore:
         with self.fs.open(path, "rb") as fh:
             return fh.read()
 
+    def listdir(self, directory: str) -> list[str]:
+        """Names (not paths) directly under a directory; [] when it does not exist."""
+        try:
+            return [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(directory, detail=False)]
+        except FileNotFoundError:
+            return []
+
     def glob_partitions(self, directory: str) -> list[int]:
         try:
             names = self.fs.ls(directory, detail=False)

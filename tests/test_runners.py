@@ -43,3 +43,18 @@ def test_gpu_limit_is_created_once_and_an_operators_value_wins(prefect_harness):
         client.delete_concurrency_limit_by_tag(tag)
         client.create_concurrency_limit(tag=tag, concurrency_limit=5)
     assert ensure_gpu_limit(1, tag) == 5      # the existing limit is left as the operator set it
+
+
+def test_only_transient_faults_are_retried():
+    from prefect.states import Failed
+
+    from flows.runners import retry_only_transient
+    from tasks.stage import TransientError
+
+    def retried(exc: Exception) -> bool:
+        return retry_only_transient(None, None, Failed(data=exc))
+
+    assert retried(TransientError("caption server answered HTTP 503"))
+    assert retried(TimeoutError("read timed out")) and retried(ConnectionError("refused"))
+    assert not retried(RuntimeError("rhythm.checkpoint='final0' is not a local file"))
+    assert not retried(ValueError("a bug"))
