@@ -4,3 +4,6 @@ import os
 # No network here or in most clusters: Prefect's analytics otherwise log error tracebacks.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# With no PREFECT_API_URL, Prefect starts a local server whose first start creates and migrates
+# its SQLite database: longer than Prefect's 20 s default on 2 busy cores. An explicit setting wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")

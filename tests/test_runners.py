@@ -58,3 +58,21 @@ def test_only_transient_faults_are_retried():
     assert retried(TimeoutError("read timed out")) and retried(ConnectionError("refused"))
     assert not retried(RuntimeError("rhythm.checkpoint='final0' is not a local file"))
     assert not retried(ValueError("a bug"))
+
+
+def test_importing_flows_gives_prefects_first_start_time_to_migrate():
+    """A fresh Prefect home's first ephemeral start migrates SQLite for longer than Prefect's 20 s
+    default on 2 cores; every entry point imports `flows` first, which raises the limit unless an
+    operator has set one."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import flows, prefect.settings as s; "
+            "print(s.PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout) >= 300
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "45"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == 45
