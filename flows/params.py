@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.config import Config, load_config
+from schemas.config import Config, load_config, profiles
+
+PROFILES = profiles()
 
 
 class RunParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    config: str = Field("default", description="profile name under configs/ (default, tiny) or a YAML path")
+    config: str = Field("default", examples=PROFILES,
+                        description=f"profile under configs/, one of: {', '.join(PROFILES)} (default: the "
+                                    "real checkpoints; tiny: offline twins), or a YAML path on the worker")
     work_root: str | None = Field(None, description="overrides work_root: local path or fsspec URL")
     sources: list[str] | None = Field(None, description="overrides sources: dirs, URLs or .txt lists")
     overrides: list[str] = Field(default_factory=list, description="extra key.path=value overrides")

@@ -16,7 +16,7 @@ from flows.curate import curate
 from flows.latents import latents
 from flows.pack import pack
 from flows.params import DatasetParams, RunParams
-from flows.train import TrainParams, train
+from flows.train import TRAIN_PROFILES, TrainParams, train
 
 
 class PipelineParams(BaseModel):
@@ -26,7 +26,9 @@ class PipelineParams(BaseModel):
                                        "curate, pack and latents)")
     dataset: str = Field("default", description="dataset name under manifest/, shards/ and latents/")
     train: bool = Field(True, description="train after the latents are written")
-    train_config: str = Field("default", description="training config under configs/train/ or a YAML path")
+    train_config: str = Field("default", examples=TRAIN_PROFILES,
+                              description=f"training config under configs/train/, one of: "
+                                          f"{', '.join(TRAIN_PROFILES)}, or a YAML path on the worker")
     max_steps: int | None = Field(None, ge=1, description="overrides trainer.max_steps")
     train_overrides: list[str] = Field(default_factory=list, description="training key.path=value overrides")
 
@@ -41,7 +43,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     if params.train:
         work_root = params.run.load().work_root
         result["train"] = train(TrainParams(
-            config=params.train_config, work_root=work_root, max_steps=params.max_steps,
+            config=params.train_config, max_steps=params.max_steps,
             shards=posixpath.join(work_root, "latents", params.dataset), overrides=params.train_overrides))
     print(f"pipeline: {result['pack']['packed']} tracks packed into dataset {params.dataset}"
           + (f", trained to step {result['train']['step']}" if "train" in result else ""))

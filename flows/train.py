@@ -21,14 +21,22 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.config import profiles
+from schemas.train import TRAIN_CONFIG_DIR
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_PROFILES = profiles(TRAIN_CONFIG_DIR)
 
 
 class TrainParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    config: str = Field("default", description="training config: a name under configs/train/ or a YAML path")
-    out: str | None = Field(None, description="run directory; default <work_root>/runs/<config name>")
-    work_root: str = Field("work", description="work root whose runs/ holds the run directory")
+    config: str = Field("default", examples=TRAIN_PROFILES,
+                        description=f"training config under configs/train/, one of: {', '.join(TRAIN_PROFILES)} "
+                                    "(default: the full-size DiT; tiny: the CPU twin), or a YAML path on the worker")
+    out: str | None = Field(None, description="run directory; default <work root>/runs/<run name>, where the "
+                                                "work root is the one whose latents/ the run trains on")
+    work_root: str | None = Field(None, description="work root whose runs/ holds the run directory; default: "
+                                                    "the one holding the latents/ folder of the shards")
     shards: str | None = Field(None, description="latents dir (overrides data.shards)")
     max_steps: int | None = Field(None, ge=1, description="overrides trainer.max_steps")
     resume: bool = Field(True, description="continue from the run directory's last.ckpt when there is one")
@@ -37,8 +45,16 @@ class TrainParams(BaseModel):
     rdzv_endpoint: str | None = Field(None, description="host:port of torchrun's rendezvous (multi-node)")
     overrides: list[str] = Field(default_factory=list, description="extra key.path=value config overrides")
 
-    def run_dir(self, name: str) -> Path:
-        return Path(self.out).absolute() if self.out else Path(self.work_root).absolute() / "runs" / name
+    def run_dir(self, name: str, shards: str) -> Path:
+        """One rule for the train deployment and the pipeline: runs/ sits beside the latents/
+        the run reads (shards = <work root>/latents/<dataset>), so both resume the same run."""
+        if self.out:
+            return Path(self.out).absolute()
+        if self.work_root:
+            return Path(self.work_root).absolute() / "runs" / name
+        latents = Path(shards).absolute().parent
+        root = latents.parent if latents.name == "latents" else latents
+        return root / "runs" / name
 
 
 def _abs_if_path(value: str) -> str:
@@ -97,7 +113,7 @@ def train(params: TrainParams = TrainParams()) -> dict:
     if params.shards:
         overrides.append(f"data.shards={Path(params.shards).absolute()}")
     cfg = load_train_config(params.config, overrides)        # a bad config fails here, not in the child
-    out = params.run_dir(cfg.name)
+    out = params.run_dir(cfg.name, cfg.data.shards)
     gpus = params.gpus
     if gpus is None:
         import torch

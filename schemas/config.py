@@ -113,6 +113,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def profiles(directory: Path = CONFIG_DIR) -> list[str]:
+    """The profile names shipped in a config directory ('default', 'tiny', ...)."""
+    return sorted(q.stem for q in directory.glob("*.yaml"))
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A path, or a profile name under configs/ ('tiny' -> configs/tiny.yaml)."""
     p = Path(name_or_path)
@@ -122,7 +127,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if candidate.is_file():
         return candidate
     raise ConfigError(f"config {str(name_or_path)!r} not found (a YAML path or one of: "
-                      + ", ".join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml'))) + ")")
+                      + ", ".join(profiles()) + ")")
 
 
 def load_config(name_or_path: str | Path = "default", overrides: list[str] | None = None,

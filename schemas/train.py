@@ -171,10 +171,10 @@ def resolve_train_config(name_or_path: str | Path) -> Path:
     candidate = TRAIN_CONFIG_DIR / f"{name_or_path}.yaml"
     if candidate.is_file():
         return candidate
-    from schemas.config import ConfigError
+    from schemas.config import ConfigError, profiles
 
     raise ConfigError(f"training config {str(name_or_path)!r} not found (a YAML path or one of: "
-                      + ", ".join(sorted(q.stem for q in TRAIN_CONFIG_DIR.glob("*.yaml"))) + ")")
+                      + ", ".join(profiles(TRAIN_CONFIG_DIR)) + ")")
 
 
 def load_train_config(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -1,8 +1,8 @@
 """A real deployment end to end: Prefect server on loopback (SQLite in a temp home), a
 process work pool, `prefect deploy`, a process worker, `prefect deployment run`.
 
-Everything the test starts is stopped by PID. Marked slow: it runs in CI (`make test`)
-and is skipped by `make test-fast`.
+Everything the test starts is stopped by PID. The server test is marked slow: it runs in CI
+(`make test`) and is skipped by `make test-fast`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).parent / "prefect")
-pytestmark = pytest.mark.slow
+
+
+def test_every_deployments_parameters_validate_and_are_explicit():
+    """prefect.yaml's parameters go through the flow's own parameter model (a typo would fail
+    the scheduled run at 02:00, not here); the nightly schedule spells out every field."""
+    import yaml
+
+    from flows.params import DatasetParams, RunParams
+    from flows.pipeline import PipelineParams
+    from flows.train import TrainParams
+
+    models = {"flows/curate.py:curate": RunParams, "flows/pack.py:pack": DatasetParams,
+              "flows/latents.py:latents": DatasetParams, "flows/train.py:train": TrainParams,
+              "flows/pipeline.py:pipeline": PipelineParams}
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for deployment in spec["deployments"]:
+        models[deployment["entrypoint"]].model_validate(deployment["parameters"]["params"])
+    nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
+    assert set(nightly["parameters"]["params"]) == set(RunParams.model_fields)
+    assert nightly["work_pool"]["job_variables"]["env"]["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]
 
 
 def free_port() -> int:
@@ -76,6 +95,7 @@ def run(cmd: list[str], env: dict, timeout: int = 120) -> subprocess.CompletedPr
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_deployment_runs_on_a_real_server(prefect_server, synth_corpus, tmp_path):
     url, env, procs = prefect_server
     out = run([PREFECT, "work-pool", "create", "acepipe-process", "--type", "process"], env)
