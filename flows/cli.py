@@ -6,6 +6,7 @@
     acepipe inspect TRACK_ID_OR_PATH [--config C] [--work W]      every stage output of a track
     acepipe analyze FILE... [--json]              rhythm/key/structure of files, no flow, no store
     acepipe lyrics index --db DB --out DIR        build the IPA MinHash index of a lyrics database
+    acepipe lyrics match --index DIR (--text T | --jsonl F)   one JSON line per query: id, lyric_id, score
     acepipe tiny-models DIR [NAME...]             build the tiny model twins
     acepipe pack|latents --config C --work W [--dataset NAME]   the pack and latents flows
     acepipe pipeline [--config C] [--train-config T] [--max-steps N] [--no-train]   curate -> pack -> latents -> train
@@ -171,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="index directory")
     _add_config_args(q)
     q.set_defaults(func=lambda a: _call("tasks.lyrics:cli_index", a))
+    q = lsub.add_parser("match", help="match lyrics text against an index built by `lyrics index`")
+    q.add_argument("--index", required=True, help="index directory written by `acepipe lyrics index`")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="one query's text (e.g. a transcript)")
+    src.add_argument("--jsonl", help='queries, one JSON object a line: {"id", "text", "language"?}')
+    q.add_argument("--language", help="language of the queries (ISO 639-1) where a line gives none")
+    q.add_argument("--id", default="text", help="id printed for --text (default: text)")
+    _add_config_args(q)
+    q.set_defaults(func=lambda a: _call("tasks.lyrics:cli_match", a))
 
     p = sub.add_parser("tiny-models", help="build the tiny model twins into DIR")
     p.add_argument("dir")
@@ -195,14 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="stop after the latents")
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("caption-server", help="OpenAI-compatible caption server over the Qwen-Omni adapter")
-    p.add_argument("server_args", nargs=argparse.REMAINDER, help="see python -m tasks.caption_server --help")
-    p.set_defaults(func=lambda a: _call("tasks.caption_server:main", a.server_args))
-
-    p = sub.add_parser("train", help="train the DiT (same options as python -m model.train)")
-    p.add_argument("train_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: _call("model.train:main", a.train_args))
+    # Listed for --help only: main() hands their arguments, untouched, to their own parsers.
+    for name, (target, help_text) in FORWARDED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+# Commands whose options belong to another entry point's parser: `acepipe train --config X`
+# must accept exactly what `python -m model.train` documents (argparse.REMAINDER refuses a
+# leading option), so main() forwards everything after the command name.
+FORWARDED = {
+    "train": ("model.train:main", "train the DiT (the options of python -m model.train; see acepipe train --help)"),
+    "caption-server": ("tasks.caption_server:main",
+                       "OpenAI-compatible caption server over the Qwen-Omni adapter (acepipe caption-server --help)"),
+}
 
 
 def _call(target: str, arg) -> int:
@@ -223,12 +239,17 @@ def cmd_tiny_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from schemas.config import ConfigError
     from tasks.ingest import SourceError
+    from tasks.models import ModelLoadError
     from tasks.store import StoreError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        rest = argv[1:]
+        return _call(FORWARDED[argv[0]][0], rest[1:] if rest[:1] == ["--"] else rest)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, SourceError, StoreError) as exc:
+    except (ConfigError, SourceError, StoreError, ModelLoadError) as exc:
         print(f"acepipe: error: {exc}", file=sys.stderr)
         return 2
 

@@ -149,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     from model.data import ShardError
     from schemas.config import ConfigError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:          # `acepipe train -- --config ...` (argparse REMAINDER keeps the --)
-        argv = argv[1:]
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.shards:

@@ -15,9 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tasks.models import ModelLoadError
+
 # Where the reference downloads released checkpoints from (as beat_this.inference does).
 CHECKPOINT_URL = "https://cloud.cp.jku.at/public.php/dav/files/7ik4RrBKTS273gp"
+RELEASED_NAMES = "final0-2, small0-2, single_final0-2, fold0-7"   # the reference's README
 TINY_NAME = "beat_this-tiny.ckpt"
+WITHOUT_WEIGHTS = "--set rhythm.beat_tracker=essentia (no weights needed)"
 
 
 def _released_path(name: str) -> Path:
@@ -25,30 +29,50 @@ def _released_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / f"beat_this-{name}.ckpt"
 
 
+def _cause(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+
+
+def _torch_load(path: Path, ref: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an HTML page saved as .ckpt, a truncated copy
+        raise ModelLoadError(f"rhythm.checkpoint={ref!r}: {path} is not a readable checkpoint ({_cause(exc)}); "
+                             f"download it again or use {WITHOUT_WEIGHTS}") from exc
+
+
 def load_checkpoint(ref: str) -> dict:
-    """A checkpoint dict from a .ckpt path, a directory holding one .ckpt, or a released name."""
+    """A checkpoint dict from a .ckpt path, a directory holding one .ckpt, or a released name.
+    Raises ModelLoadError, one line saying what to do, when none of these can be read."""
     path = Path(ref).expanduser()
     if path.is_dir():
         found = sorted(path.glob("*.ckpt"))
         if len(found) != 1:
-            raise RuntimeError(f"rhythm.checkpoint={ref!r}: expected one .ckpt in the directory, found {len(found)}")
+            raise ModelLoadError(f"rhythm.checkpoint={ref!r}: expected one .ckpt in the directory, found "
+                                 f"{len(found)}; point it at the .ckpt file")
         path = found[0]
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path, ref)
     if "/" in ref or ref.endswith(".ckpt"):
-        raise RuntimeError(f"rhythm.checkpoint={ref!r}: no such file; fix the path, use a released name "
-                           "(final0, small0, ...) or set rhythm.beat_tracker=essentia")
+        raise ModelLoadError(f"rhythm.checkpoint={ref!r}: no such file; fix the path, use a released name "
+                             f"({RELEASED_NAMES}) or {WITHOUT_WEIGHTS}")
     cached = _released_path(ref)
     if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
+        return _torch_load(cached, ref)
+    url = f"{CHECKPOINT_URL}/{ref}.ckpt"
+    # Not torch.hub.load_state_dict_from_url: it announces the download on stdout, which
+    # `acepipe analyze --json` keeps for JSON lines. This one shows a progress bar on stderr
+    # and renames into place, so a failed download leaves no partial checkpoint.
     try:
-        return torch.hub.load_state_dict_from_url(f"{CHECKPOINT_URL}/{ref}.ckpt", file_name=cached.name,
-                                                  map_location="cpu")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached))
     except Exception as exc:  # noqa: BLE001 - re-raised with what to do
-        raise RuntimeError(
-            f"rhythm.checkpoint={ref!r} is not a local file and the released checkpoint could not be "
-            f"downloaded ({type(exc).__name__}: {str(exc)[:160]}). Fetch {CHECKPOINT_URL}/{ref}.ckpt "
-            f"to {cached} (or anywhere, and set rhythm.checkpoint to its path).") from exc
+        raise ModelLoadError(
+            f"rhythm.checkpoint={ref!r}: no local file and the download failed ({_cause(exc)}); "
+            f"run without Beat This: {WITHOUT_WEIGHTS}, or fetch {url} and "
+            f"--set rhythm.checkpoint=/path/to/{ref}.ckpt (or save it as {cached}); "
+            f"released names: {RELEASED_NAMES}") from exc
+    return _torch_load(cached, ref)
 
 
 def load_model(ref: str, device: torch.device | str = "cpu"):

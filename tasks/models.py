@@ -1,4 +1,4 @@
-"""Model plumbing shared by the model stages: device choice and tiny twins.
+"""Model plumbing shared by the model stages: device choice, tiny twins, load errors.
 
 A checkpoint reference in config is a local path, a hub id, or `tiny:<name>`. A tiny
 reference resolves to `<models.tiny_dir>/<name>`, built on first use by that model's
@@ -28,6 +28,12 @@ TINY_BUILDERS = {
 }
 
 _BUILD_LOCK = threading.Lock()
+
+
+class ModelLoadError(RuntimeError):
+    """A stage's model could not be loaded: no such file, a failed download, not a checkpoint.
+    One line naming the config field, the reference, the cause and what to do. It fails the
+    same way every time, so the flows do not retry it and the CLI prints it without a traceback."""
 
 
 def resolve_device(spec: str = "auto"):

@@ -219,3 +219,119 @@ def test_cli_index(synth_corpus, tmp_path, capsys):
                  "--config", "tiny"]) == 0
     assert "indexed" in capsys.readouterr().out
     assert pq.read_table(tmp_path / "idx" / "signatures.parquet").num_rows > 0
+
+
+# -- `acepipe lyrics match` ------------------------------------------------------------------
+def _match(capsys, *args: str) -> tuple[int, list[dict], str]:
+    """Run `acepipe lyrics match ... --config tiny`: exit code, parsed stdout lines, stderr."""
+    from flows.cli import main
+
+    capsys.readouterr()
+    code = main(["lyrics", "match", *args, "--config", "tiny"])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def _index(db: str, out) -> None:
+    from flows.cli import main
+
+    assert main(["lyrics", "index", "--db", db, "--out", str(out), "--config", "tiny"]) == 0
+
+
+@pytest.fixture(scope="module")
+def cli_index_dir(synth_corpus, tmp_path_factory):
+    """An index of the synthetic database built by the CLI, shared by the match tests that only read it."""
+    out = tmp_path_factory.mktemp("lyrics-index") / "idx"
+    _index(str(synth_corpus / "lyrics.parquet"), out)
+    return out
+
+
+def test_lyrics_match_finds_a_database_song_by_its_text(cli_index_dir, db_rows, capsys):
+    from schemas.config import load_config
+
+    song = next(r for r in db_rows if r["language"] == "en" and r["lyric_id"].startswith("lyr"))
+    code, lines, err = _match(capsys, "--index", str(cli_index_dir), "--text", song["lyrics"],
+                              "--language", "en", "--id", "q1")
+    assert code == 0 and err == ""
+    assert lines == [{"id": "q1", "lyric_id": song["lyric_id"], "score": lines[0]["score"],
+                      "reason": "matched", "language": "en"}]
+    assert lines[0]["score"] >= load_config("tiny").lyrics.min_score
+
+
+def test_lyrics_match_text_not_in_the_database_matches_nothing(cli_index_dir, capsys):
+    code, lines, _ = _match(capsys, "--index", str(cli_index_dir),
+                            "--text", "the engine of the harbour rolls beneath a copper moon tonight",
+                            "--language", "en")
+    assert code == 0 and len(lines) == 1
+    assert lines[0]["id"] == "text" and lines[0]["lyric_id"] is None and lines[0]["reason"] != "matched"
+    assert lines[0]["language"] == "en"  # the retries found nothing better: report the language given
+
+
+def test_lyrics_match_jsonl_answers_every_line_in_order(cli_index_dir, db_rows, tmp_path, capsys):
+    es = next(r for r in db_rows if r["language"] == "es" and r["lyric_id"].startswith("lyr"))
+    en = next(r for r in db_rows if r["language"] == "en" and r["lyric_id"].startswith("lyr"))
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("\n".join([
+        json.dumps({"id": "es", "text": " ".join(sung_lines(es["lyrics"])), "language": "es"}, ensure_ascii=False),
+        "{not json",
+        json.dumps({"id": "no-text", "language": "en"}),
+        json.dumps({"id": 7, "text": "seven tired sailors count the silver coins upon the table"}),
+        json.dumps({"id": "en", "text": " ".join(sung_lines(en["lyrics"]))}),
+    ]) + "\n")
+    code, lines, _ = _match(capsys, "--index", str(cli_index_dir), "--jsonl", str(queries))
+    assert code == 0
+    assert [line["id"] for line in lines] == ["es", None, "no-text", 7, "en"]
+    assert [line["lyric_id"] for line in lines] == [es["lyric_id"], None, None, None, en["lyric_id"]]
+    assert lines[1]["reason"].startswith("bad_query: line 2") and lines[2]["reason"].startswith("bad_query")
+    assert not lines[3]["reason"].startswith("bad_query")
+
+
+def test_lyrics_match_without_an_index_says_how_to_build_one(tmp_path, capsys):
+    code, lines, err = _match(capsys, "--index", str(tmp_path / "nowhere"), "--text", "hello")
+    assert code == 2 and lines == []
+    assert f"no lyrics index at {tmp_path / 'nowhere'}" in err and "acepipe lyrics index" in err
+    assert "Traceback" not in err
+
+
+def test_lyrics_match_refuses_an_index_built_with_other_params(cli_index_dir, capsys):
+    code, lines, err = _match(capsys, "--index", str(cli_index_dir), "--text", "hello",
+                              "--set", "lyrics.num_perm=64")
+    assert code == 2 and lines == []
+    assert "stale" in err and "num_perm" in err and "shingle_k" not in err
+
+
+def test_lyrics_match_refuses_an_index_of_another_format_version(cli_index_dir, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(cli_index_dir, old)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "version": "0"}))
+    code, _, err = _match(capsys, "--index", str(old), "--text", "hello")
+    assert code == 2 and "stale" in err and "version" in err
+
+
+def test_lyrics_match_notices_a_changed_database(synth_corpus, db_rows, tmp_path, capsys):
+    db = tmp_path / "lyrics.parquet"
+    shutil.copy(synth_corpus / "lyrics.parquet", db)
+    _index(str(db), tmp_path / "idx")
+    text = db_rows[0]["lyrics"]
+    assert _match(capsys, "--index", str(tmp_path / "idx"), "--text", text)[0] == 0
+
+    table = pq.read_table(db)
+    edited = [{**r, "lyrics": r["lyrics"] + "\none more line"} if i == 0 else r
+              for i, r in enumerate(table.to_pylist())]
+    pq.write_table(pa.Table.from_pylist(edited, schema=table.schema), db)
+    code, lines, err = _match(capsys, "--index", str(tmp_path / "idx"), "--text", text)
+    assert code == 2 and lines == [] and "stale" in err and str(db) in err
+
+    db.unlink()  # a database that is gone cannot be checked: the index still answers, with a warning
+    code, lines, err = _match(capsys, "--index", str(tmp_path / "idx"), "--text", text)
+    assert code == 0 and lines[0]["lyric_id"] == db_rows[0]["lyric_id"] and "no longer exists" in err
+
+
+def test_lyrics_match_warns_on_an_index_without_its_source_record(cli_index_dir, db_rows, tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(cli_index_dir, old)
+    (old / "source.json").unlink()  # as `lyrics index` wrote it before it recorded its database
+    code, lines, err = _match(capsys, "--index", str(old), "--text", db_rows[0]["lyrics"])
+    assert code == 0 and lines[0]["lyric_id"] == db_rows[0]["lyric_id"]
+    assert "warning" in err and "source.json" in err

@@ -1,13 +1,17 @@
 """Rhythm stage: tempo and key on generated songs with known answers (Essentia path), the Beat
 This twin through the real loader and the reference's chunking, bad input as explicit
-"no tempo"/"no key" with reasons, the caption phrases and `acepipe analyze`."""
+"no tempo"/"no key" with reasons, the caption phrases and `acepipe analyze` (also offline, without
+the released checkpoint)."""
 from __future__ import annotations
 
 import argparse
 import ast
 import inspect as pyinspect
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +24,12 @@ from schemas.common import STATUS_OK, STATUS_REJECTED
 from schemas.config import load_config
 from schemas.rhythm import RHYTHM_SCHEMA
 from tasks.beat_model import BeatThisTracker, load_checkpoint
-from tasks.models import resolve_checkpoint
+from tasks.models import ModelLoadError, resolve_checkpoint
 from tasks.rhythm import RhythmStage, caption_phrases, cli_analyze, file_track
 from tasks.synth import SongSpec, pitch_class, render_song
 
 SR = 44100
+REPO = Path(__file__).resolve().parents[1]
 # Tempi at both ends of 60-200 BPM (where RhythmExtractor2013 alone makes octave errors), swing, 3/4.
 SPECS = [
     SongSpec(bpm=64.0, key="C#", scale="major", timbre="organ", seed=1),
@@ -189,7 +194,7 @@ def test_chunked_inference_equals_the_reference(twin_stage, frames):
 
 def test_missing_checkpoint_says_what_to_do(tiny_models_dir, tmp_path):
     stage = RhythmStage(_cfg(tiny_models_dir, f"rhythm.checkpoint={tmp_path}/nope.ckpt"))
-    with pytest.raises(RuntimeError, match="no such file"):
+    with pytest.raises(ModelLoadError, match="no such file"):
         stage.setup()
 
 
@@ -207,6 +212,80 @@ def test_analyze_prints_one_json_line_per_file(songs, tiny_models_dir, tmp_path,
     cli_analyze(args)
     text = capsys.readouterr().out
     assert re.search(r"12[78]\.\d BPM", text) and "A minor" in text
+
+
+def _acepipe(*args: str, torch_home: Path) -> subprocess.CompletedProcess:
+    """`python -m flows.cli ARGS` with the default config, as on a machine with no network: no
+    cached checkpoint, hubs offline, and the download refused at once (a dead proxy) even here."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACEPIPE__")}
+    env.update(HF_HUB_OFFLINE="1", TORCH_HOME=str(torch_home), OMP_NUM_THREADS="1",
+               https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def offline_analyze(songs, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`acepipe analyze SONG --json` with the default config (rhythm.checkpoint=final0), offline."""
+    torch_home = tmp_path_factory.mktemp("torch-home")
+    return _acepipe("analyze", songs[3][0]["uri"], "--json", torch_home=torch_home), torch_home
+
+
+def test_analyze_offline_without_checkpoint_says_what_to_do(offline_analyze):
+    done, _ = offline_analyze
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    [error] = done.stderr.splitlines()
+    assert error.startswith("acepipe: error: rhythm.checkpoint='final0': ")
+    assert "--set rhythm.beat_tracker=essentia" in error
+    assert "--set rhythm.checkpoint=/path/to/final0.ckpt" in error and "final0-2, small0-2" in error
+
+
+def test_the_suggested_essentia_run_works_offline(offline_analyze, songs):
+    done, torch_home = offline_analyze
+    suggestion = re.search(r"--set (rhythm\.beat_tracker=\w+)", done.stderr).group(1)
+    done = _acepipe("analyze", songs[3][0]["uri"], "--json", "--set", suggestion, torch_home=torch_home)
+    assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    row = json.loads(line)
+    assert row["status"] == STATUS_OK and row["tempo_source"] == "essentia"
+    assert row["bpm"] == pytest.approx(SPECS[3].bpm, rel=0.04) and row["key_phrase"] == "A minor"
+
+
+def test_a_released_name_is_downloaded_once_into_the_cache(tiny_models_dir, tmp_path, monkeypatch):
+    """The download path, against a local server holding the twin as `final0.ckpt`."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    from tasks import beat_model
+
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(Path(resolve_checkpoint("tiny:beat_this", tiny_models_dir)) / beat_model.TINY_NAME,
+                served / "final0.ckpt")
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_request(self, *args):
+            requests.append(self.path)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(beat_model, "CHECKPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(beat_model, "_released_path", lambda name: tmp_path / "cache" / f"beat_this-{name}.ckpt")
+    try:
+        assert "state_dict" in load_checkpoint("final0") and "state_dict" in load_checkpoint("final0")
+        with pytest.raises(ModelLoadError, match=r"'final9': no local file and the download failed \(HTTPError"):
+            load_checkpoint("final9")
+    finally:
+        server.shutdown()
+    assert requests == ["/final0.ckpt", "/final9.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["beat_this-final0.ckpt"]
 
 
 def test_stage_contract():

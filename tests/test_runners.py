@@ -49,6 +49,7 @@ def test_only_transient_faults_are_retried():
     from prefect.states import Failed
 
     from flows.runners import retry_only_transient
+    from tasks.models import ModelLoadError
     from tasks.stage import TransientError
 
     def retried(exc: Exception) -> bool:
@@ -56,7 +57,7 @@ def test_only_transient_faults_are_retried():
 
     assert retried(TransientError("caption server answered HTTP 503"))
     assert retried(TimeoutError("read timed out")) and retried(ConnectionError("refused"))
-    assert not retried(RuntimeError("rhythm.checkpoint='final0' is not a local file"))
+    assert not retried(ModelLoadError("rhythm.checkpoint='final0': no local file and the download failed"))
     assert not retried(ValueError("a bug"))
 
 

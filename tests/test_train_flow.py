@@ -56,3 +56,43 @@ def test_flow_trains_tiny_and_publishes_artifacts(prefect_harness, tmp_path, tin
     assert final["step"] == 4 and Path(final["checkpoint"]).is_file()
     assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()
     assert Artifact.get("train-metrics") is not None and Artifact.get("train-checkpoint") is not None
+
+
+def test_train_deployment_and_pipeline_share_one_run_directory(tmp_path):
+    """train/default (shards from the config) and pipeline/full (shards under the profile's
+    work root) must resume the same run: runs/ sits beside the latents/ they read."""
+    from schemas.config import load_config
+    from schemas.train import load_train_config
+
+    cfg = load_train_config("tiny")
+    work_root = load_config("tiny").work_root                     # what pipeline/full passes on
+    from_form = TrainParams(config="tiny").run_dir(cfg.name, cfg.data.shards)
+    from_pipeline = TrainParams(config="tiny", shards=f"{work_root}/latents/default").run_dir(
+        cfg.name, f"{work_root}/latents/default")
+    assert from_form == from_pipeline == Path(work_root).absolute() / "runs" / "ace-dit-tiny"
+    assert TrainParams(out=str(tmp_path / "x")).run_dir("n", "s") == tmp_path / "x"
+    assert TrainParams(work_root=str(tmp_path)).run_dir("n", "/a/latents/b") == tmp_path / "runs" / "n"
+
+
+def test_forms_list_the_profiles():
+    from flows.params import RunParams
+
+    for model, field in ((TrainParams, "config"), (RunParams, "config")):
+        prop = model.model_json_schema()["properties"][field]
+        assert {"default", "tiny"} <= set(prop["examples"])
+        assert "default" in prop["description"] and "tiny" in prop["description"]
+
+
+def test_acepipe_train_takes_the_entry_points_options_with_and_without_dashes(tmp_path, capsys):
+    """`acepipe train --config X --out Y` (the README's form) and `acepipe train -- ...` both reach
+    model.train's parser; a config that does not exist is its clear error, not argparse's."""
+    from flows.cli import main
+
+    for argv in (["train", "--config", "no-such", "--out", str(tmp_path)],
+                 ["train", "--", "--config", "no-such", "--out", str(tmp_path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "training config 'no-such' not found" in err and "unrecognized" not in err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--resume" in capsys.readouterr().out
