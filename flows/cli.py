@@ -51,13 +51,18 @@ def print_summary(summary: dict) -> None:
     print(f"found       {summary['found']} files -> {summary['tracks']} tracks "
           f"({summary['duplicates']} exact duplicates folded), {summary['partitions']} partitions "
           f"({summary['new_partitions']} new)")
-    print(f"kept        {summary['ok']}   rejected {summary['rejected']}   error {summary['error']}")
+    print(f"this run    {summary['new_tracks']} new tracks, {summary['known']} files already catalogued")
+    print(f"kept        {summary['ok']}   rejected {summary['rejected']}   error {summary['error']}   "
+          f"not yet processed {summary['pending']}   (all tracks of the catalog)")
     for reason, n in summary["by_reason"].items():
         print(f"  {n:5d}  {reason}")
-    print("\nstage          run  skip     ok  rej  err    secs  partitions run  reasons")
+    print(f"rejects     {summary['rejects_path']}   (every rejected or failed track, with its reason)")
+    print("\n                     ---- this run ----          -- all partitions --")
+    print("stage          run  skip     ok  rej  err    secs      ok   rej   err  partitions run  reasons")
     for s in summary["stages"]:
         print(f"{s['stage']:<13} {s['partitions_run']:4d} {s['partitions_skipped']:5d} {s['ok']:6d} "
-              f"{s['rejected']:4d} {s['error']:4d} {s['seconds']:7.1f}  {s['ran'] or '-':<14}  {s['reasons']}")
+              f"{s['rejected']:4d} {s['error']:4d} {s['seconds']:7.1f} {s['total_ok']:7d} "
+              f"{s['total_rejected']:5d} {s['total_error']:5d}  {s['ran'] or '-':<14}  {s['reasons']}")
     print(f"\ntime        {summary['seconds']:.1f} s")
 
 

@@ -2,7 +2,10 @@
 
 One Prefect task per `stage x partition`; a partition's stage waits only for its own
 upstream stages on that partition, so stages 3-6 run side by side. The stage store
-decides what is skipped. Ends with a per-stage summary table artifact.
+decides what is skipped. Ends with one pass over the catalog and the stage outputs that
+explains every track: the per-stage table artifact ("curate-summary", this run's work and
+each stage's cumulative counts), the rejects Parquet under reports/ and the first rows of
+it as the "curate-rejects" artifact, and a summary line in the run's log.
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from schemas.config import Config
 from tasks.ingest import IngestResult, check_sources, ingest
 from tasks.stage import check_stages, dag_order, run_partition, stage_class, stage_keys
 from tasks.store import StageStore
-from tasks.summary import outcome_counts, stage_table, track_outcomes
+from tasks.summary import CatalogSummary, stage_table, summarize_catalog, summary_line, write_rejects
+
+REJECTS_SHOWN = 500   # rows of the curate-rejects artifact; the Parquet holds them all
 
 
 @task(name="ingest", cache_policy=NONE)
@@ -31,6 +36,14 @@ def ingest_task(cfg: Config) -> IngestResult:
       retry_condition_fn=retry_only_transient)
 def stage_task(cfg: Config, name: str, partition: int, keys: dict[str, str]) -> dict:
     return run_partition(StageStore(cfg.work_root), cfg, name, partition, keys)
+
+
+@task(name="curate-summary", cache_policy=NONE)
+def summary_task(cfg: Config, partitions: list[int]) -> tuple[CatalogSummary, str]:
+    store = StageStore(cfg.work_root)
+    order = dag_order(cfg.stages)
+    catalog = summarize_catalog(store, order, stage_keys(cfg, order), partitions)
+    return catalog, write_rejects(store, catalog.rejects)
 
 
 @flow(name="curate-stages", log_prints=True)
@@ -74,19 +87,25 @@ def curate(params: RunParams = RunParams()) -> dict:
     ingested = ingest_task(cfg)
     results = curate_stages.with_options(task_runner=task_runner_for(cfg.runner))(
         cfg, ingested.partitions)
-    order = dag_order(cfg.stages)
-    keys = stage_keys(cfg, order)
     ingest_row = {"stage": "ingest", "partition": -1, "skipped": ingested.new_tracks == 0,
                   "ok": ingested.new_tracks - sum(ingested.rejected.values()),
                   "rejected": sum(ingested.rejected.values()), "error": 0,
-                  "reasons": ingested.rejected}
-    table = stage_table([ingest_row] + results)
-    outcomes = track_outcomes(store, order, keys, ingested.partitions)
+                  "reasons": ingested.rejected, "seconds": ingested.seconds}
+    catalog, rejects_path = summary_task(cfg, ingested.partitions)
+    table = stage_table([ingest_row] + results, catalog.totals)
     summary = {"found": ingested.found, "new_tracks": ingested.new_tracks,
-               "duplicates": ingested.duplicates, "partitions": len(ingested.partitions),
+               "duplicates": ingested.duplicates, "known": ingested.known,
+               "partitions": len(ingested.partitions),
                "new_partitions": len(ingested.new_partitions), "stages": table,
-               "work_root": cfg.work_root, **outcome_counts(outcomes),
+               "work_root": cfg.work_root, **catalog.counts(), "rejects_path": rejects_path,
                "seconds": round(time.perf_counter() - started, 2)}
+    line = summary_line(summary)
     create_table_artifact(table or [{"stage": "-", "partitions_run": 0}], key="curate-summary",
-                          description=f"curate: {summary['tracks']} tracks, {summary['ok']} kept")
+                          description=line)
+    n_rejects = catalog.rejects.num_rows
+    shown = f"the first {REJECTS_SHOWN} here, " if n_rejects > REJECTS_SHOWN else ""
+    create_table_artifact(catalog.rejects.slice(0, REJECTS_SHOWN).to_pylist(), key="curate-rejects",
+                          description=f"{n_rejects} rejected or failed tracks of {summary['tracks']} "
+                                      f"({shown}all of them in `{rejects_path}`)")
+    print(line)
     return summary

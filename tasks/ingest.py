@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class IngestResult:
     duplicates: int
     known: int
     rejected: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0     # wall time of the ingest, waiting for the lock included
 
 
 def _wanted(name: bytes, cfg: Config) -> bool:
@@ -142,8 +144,11 @@ def _load_seen(store: StageStore) -> dict[tuple[bytes, int, int], str]:
 def ingest(cfg: Config, store: StageStore, sources: list[str] | None = None) -> IngestResult:
     """Catalogue what is new under the sources. Holds the store's ingest lock, so runs that
     overlap on one work root append their partitions one after the other."""
+    started = time.perf_counter()
     with store.lock("ingest"):
-        return _ingest(cfg, store, sources)
+        result = _ingest(cfg, store, sources)
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
 
 
 def _ingest(cfg: Config, store: StageStore, sources: list[str] | None) -> IngestResult:
@@ -170,6 +175,9 @@ def _ingest(cfg: Config, store: StageStore, sources: list[str] | None) -> Ingest
         if error is not None:
             # No bytes, no content hash: key the reject by its path so it is still counted.
             track_id = hashlib.blake2b(f.uri_raw, digest_size=16).hexdigest()
+            if track_id in catalog_ids:   # rejected by an earlier run: one row, not one per run
+                known += 1
+                continue
             new_rows.setdefault(track_id, {"track_id": track_id, "uri": f.uri, "uri_raw": f.uri_raw,
                                            "aliases": [], "bytes": f.size,
                                            "status": STATUS_REJECTED, "reason": error})

@@ -3,6 +3,7 @@
     catalog/part-NNNNN.parquet                 ingest output (append-only partitions)
     catalog/seen.parquet                       (uri, size, mtime) -> track_id memo of ingest
     stages/<stage>/<key>/part-NNNNN.parquet    one file per partition and stage key
+    reports/curate-rejects.parquet             every rejected track and why (curate's summary)
     manifest/, shards/, latents/, runs/        pack, latents and training outputs
 
 A file exists complete or not at all: writes go to a hidden temporary name in the same

@@ -59,14 +59,42 @@ def test_every_file_is_accounted_for(prefect_harness, synth_corpus, tmp_path, ba
 
 
 def test_second_run_does_no_stage_work(prefect_harness, synth_corpus, tmp_path, base_overrides):
+    from prefect.artifacts import Artifact
+
     work = tmp_path / "work"
     first = run_curate(base_overrides, work, [str(synth_corpus / "audio")])
     assert sum(s["partitions_run"] for s in first["stages"] if s["stage"] != "ingest") > 0
+    first_ingest = next(s for s in first["stages"] if s["stage"] == "ingest")
+    assert first_ingest["seconds"] > 0 and first_ingest["rejected"] > 0
     second = run_curate(base_overrides, work, [str(synth_corpus / "audio")])
     stage_rows = [s for s in second["stages"] if s["stage"] != "ingest"]
     assert all(s["partitions_run"] == 0 for s in stage_rows), stage_rows
     assert second["new_tracks"] == 0
     assert (second["ok"], second["rejected"]) == (first["ok"], first["rejected"])
+
+    # The rerun did no ingest work, yet its ingest row still explains every catalog track.
+    ingest_row = next(s for s in second["stages"] if s["stage"] == "ingest")
+    assert ingest_row["rejected"] == 0 and ingest_row["total_rejected"] == first_ingest["rejected"]
+    assert ingest_row["total_ok"] + ingest_row["total_rejected"] + ingest_row["total_error"] == second["tracks"]
+    truth = json.loads((synth_corpus / "ground_truth.json").read_text())
+    assert second["tracks"] == sum(1 for s in truth["songs"] if s["kind"] != "duplicate")
+
+    # Which files were rejected, and why: the Parquet and the artifact name exactly the bad files.
+    root = str((synth_corpus / "audio").resolve())
+    expected = {f"{root}/{s['file'].split('audio/', 1)[-1]}": s["expect"] for s in truth["songs"]
+                if s["kind"] != "duplicate" and s["expect"] != "ok"}
+    assert second["rejects_path"] == str(work / "reports" / "curate-rejects.parquet")
+    rejects = pq.read_table(second["rejects_path"]).to_pylist()
+    assert {r["uri"]: reason_code(r["reason"]) for r in rejects} == expected
+    for r in rejects:
+        code, colon, detail = r["reason"].partition(": ")
+        assert colon and detail.strip() and r["status"] == "rejected", r
+    artifact = Artifact.get("curate-rejects")
+    assert json.loads(artifact.data) == rejects
+    assert second["rejects_path"] in artifact.description
+    summary_artifact = Artifact.get("curate-summary")
+    assert f"found {second['found']} files" in summary_artifact.description
+    assert json.loads(summary_artifact.data) == second["stages"]
 
 
 def test_new_files_run_only_new_partitions(prefect_harness, synth_corpus, tmp_path, base_overrides):

@@ -102,3 +102,22 @@ def test_stale_lock_of_a_dead_process_is_broken(source, make_cfg):
     with open(os.path.join(store.root, ".lock-ingest"), "w") as fh:
         json.dump({"pid": 2**22 + 12345, "host": socket.gethostname()}, fh)
     assert ingest(cfg, store, [str(source)]).new_tracks == 7
+
+
+def test_a_file_that_cannot_be_read_is_one_reject_across_reruns(source, make_cfg, monkeypatch):
+    real_hash = ingest_mod.content_hash
+
+    def hash_or_deny(path, chunk_mb=4):
+        if path.endswith(b"song3.wav"):
+            raise PermissionError(13, "Permission denied")
+        return real_hash(path, chunk_mb)
+
+    monkeypatch.setattr(ingest_mod, "content_hash", hash_or_deny)
+    cfg = make_cfg()
+    store = StageStore(cfg.work_root)
+    first = ingest(cfg, store, [str(source)])
+    again = ingest(cfg, store, [str(source)])
+    assert first.rejected == {"unreadable": 2} and first.seconds > 0
+    assert again.new_tracks == 0 and again.known == again.found
+    denied = [r for r in store.read_catalog().to_pylist() if r["uri"].endswith("song3.wav")]
+    assert len(denied) == 1 and denied[0]["reason"].startswith("unreadable: cannot read the file")
