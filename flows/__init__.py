@@ -7,3 +7,5 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # With no PREFECT_API_URL, Prefect starts a local server whose first start creates and migrates
 # its SQLite database: longer than Prefect's 20 s default on 2 busy cores. An explicit setting wins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+# The store's and stages' own log lines (a quarantined output, a lock waited for) in the run's logs.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "acepipe")

@@ -176,10 +176,33 @@ def run_partition(store: StageStore, cfg: Config, name: str, partition: int,
     key = keys[name]
     out = store.stage_path(name, key, partition)
     started = time.perf_counter()
-    if store.exists(out):
-        # No work this run; the curate summary counts what the output holds in its one pass.
-        return {"stage": name, "partition": partition, "key": key, "skipped": True,
-                "seconds": 0.0, "ok": 0, "rejected": 0, "error": 0, "reasons": {}}
+    skipped = {"stage": name, "partition": partition, "key": key, "skipped": True,
+               "seconds": 0.0, "ok": 0, "rejected": 0, "error": 0, "reasons": {}}
+    if _done(store, out):
+        return skipped   # no work this run; the curate summary counts the output in its one pass
+    # Another run on this work root may be computing the same partition: wait for it, then
+    # find its output, rather than compute it twice.
+    with store.lock(f"stage-{name}-{key}-{partition:05d}", timeout_s=24 * 3600):
+        if _done(store, out):
+            return skipped
+        return _compute(store, cfg, name, partition, keys, out, started)
+
+
+def _done(store: StageStore, out: str) -> bool:
+    """The output exists and reads (its footer: cheap); a damaged one is quarantined, so the
+    partition is computed again."""
+    if not store.exists(out):
+        return False
+    why = store.unreadable(out)
+    if why is None:
+        return True
+    store.quarantine(out, why)
+    return False
+
+
+def _compute(store: StageStore, cfg: Config, name: str, partition: int, keys: dict[str, str],
+             out: str, started: float) -> dict[str, Any]:
+    key = keys[name]
     cls = stage_class(name)
     tracks = store.joined_rows(partition, {u: keys[u] for u in cls.inputs})
     stage, lock = get_stage(name, cfg, key)

@@ -4,11 +4,14 @@
     catalog/seen.parquet                       (uri, size, mtime) -> track_id memo of ingest
     stages/<stage>/<key>/part-NNNNN.parquet    one file per partition and stage key
     reports/curate-rejects.parquet             every rejected track and why (curate's summary)
+    quarantine/<relative path>.<stamp>         outputs that did not read, moved aside (see quarantine())
     manifest/, shards/, latents/, runs/        pack, latents and training outputs
 
 A file exists complete or not at all: writes go to a hidden temporary name in the same
 directory and are renamed into place. The store's keys, not Prefect's result cache,
-decide what runs.
+decide what runs. Parquet outputs carry page checksums (Parquet's own CRC32), so a file
+damaged after it was written is found by reading it, without a second checksum file; one that
+does not read is moved to quarantine/ and treated as missing, so the work that made it reruns.
 """
 from __future__ import annotations
 
@@ -23,10 +26,13 @@ import re
 import uuid
 from pathlib import Path
 
+import logging
+
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+log = logging.getLogger("acepipe.store")
 PART_RE = re.compile(r"part-(\d{5,})\.parquet$")
 
 
@@ -80,12 +86,51 @@ class StageStore:
 
     def write_table(self, path: str, table: pa.Table) -> None:
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
         self.write_bytes(path, buf.getvalue())
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(path, "rb") as fh:
-            return pq.read_table(fh, columns=columns)
+            return pq.read_table(fh, columns=columns, page_checksum_verification=True)
+
+    # -- damaged outputs -----------------------------------------------------------------
+    def unreadable(self, path: str, full: bool = False) -> str | None:
+        """Why a Parquet output does not read (None when it does). The default reads only the
+        footer (a few KB: catches truncation and garbage, cheap enough before every skip);
+        `full` reads every page against its checksum (acepipe verify)."""
+        try:
+            with self.fs.open(path, "rb") as fh:
+                if full:
+                    pq.read_table(fh, page_checksum_verification=True)
+                else:
+                    pq.read_metadata(fh)
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            return f"{type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    def quarantine(self, path: str, why: str) -> str:
+        """Move a damaged output to quarantine/<its relative path>.<UTC stamp>, so readers see
+        it missing and the run that needs it recomputes it; the file is kept for a person to
+        look at. Returns where it went."""
+        rel = posixpath.relpath(path, self.root)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.path("quarantine", f"{rel}.{stamp}-{uuid.uuid4().hex[:6]}")
+        self.fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+        self.fs.mv(path, dest)
+        log.warning("quarantined %s (%s) -> %s; it will be recomputed", path, why, dest)
+        return dest
+
+    def read_table_or_quarantine(self, path: str, columns: list[str] | None = None) -> pa.Table | None:
+        """The table at `path`, or None when it is missing or does not read (then quarantined)."""
+        try:
+            return self.read_table(path, columns=columns)
+        except FileNotFoundError:
+            return None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            self.quarantine(path, f"{type(exc).__name__}: {str(exc)[:200]}")
+            return None
 
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open(path, "rb") as fh:
@@ -122,7 +167,9 @@ class StageStore:
         path = os.path.join(self.root, f".lock-{name}")
         os.makedirs(self.root, exist_ok=True)
         deadline = time.monotonic() + timeout_s
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        told = False
         while True:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -135,14 +182,26 @@ class StageStore:
                         os.remove(path)
                     continue
                 if time.monotonic() > deadline:
-                    raise StoreError(f"{path} is held by another run for over {timeout_s:.0f} s; "
-                                     "if no run is active, delete the file") from None
+                    raise StoreError(f"{path} is held by another run ({self._owner(path)}) for over "
+                                     f"{timeout_s:.0f} s; if no run is active, delete the file") from None
+                if not told:     # a run that waits says for whom, once
+                    log.warning("waiting for the %s lock of %s, held by %s", name, self.url, self._owner(path))
+                    told = True
                 time.sleep(poll_s)
         try:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+
+    @staticmethod
+    def _owner(path: str) -> str:
+        try:
+            with open(path) as fh:
+                owner = json.load(fh)
+        except (OSError, ValueError):
+            return "a run starting right now"
+        return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since', '?')}"
 
     @staticmethod
     def _stale(path: str) -> bool:

@@ -1,4 +1,6 @@
 """The stage store and runner: atomic writes, skip-if-present, key invalidation, isolation."""
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
@@ -124,3 +126,102 @@ def test_one_bad_track_does_not_fail_the_partition(store, make_cfg):
     t = store.read_stage("upper", stage_keys(cfg)["upper"], 1).to_pylist()
     bad = next(r for r in t if r["track_id"] == "b")
     assert bad["status"] == "error" and "cannot handle boom" in bad["reason"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flipped_byte"])
+def test_a_damaged_output_is_quarantined_and_recomputed(store, make_cfg, damage, caplog):
+    """Truncation and garbage break the footer (found before every skip); a flipped byte in a
+    page is found by Parquet's page checksum when the file is read in full."""
+    import os
+
+    cfg = make_cfg("stages=[upper]")
+    keys = stage_keys(cfg)
+    run_partition(store, cfg, "upper", 0, keys)
+    path = store.stage_path("upper", keys["upper"], 0)
+    clean = store.read_table(path)
+    data = open(path, "rb").read()
+    bad = {"truncate": data[: len(data) // 2], "garbage": os.urandom(len(data)),
+           "flipped_byte": data[:8] + bytes([data[8] ^ 0xFF]) + data[9:]}[damage]
+    open(path, "wb").write(bad)
+    assert store.unreadable(path, full=True) is not None
+
+    if damage == "flipped_byte":      # the footer still reads: a cheap skip check cannot see it
+        assert run_partition(store, cfg, "upper", 0, keys)["skipped"]
+        assert store.read_table_or_quarantine(path) is None     # a full read finds it and moves it
+    with caplog.at_level("WARNING", logger="acepipe.store"):
+        again = run_partition(store, cfg, "upper", 0, keys)
+    assert not again["skipped"] and CALLS["upper"] == 6        # computed a second time
+    assert store.read_table(path).equals(clean)
+    moved = list((Path(store.root) / "quarantine").rglob("part-00000.parquet.*"))
+    assert len(moved) == 1 and moved[0].read_bytes() == bad     # kept for a person to look at
+    if damage != "flipped_byte":
+        assert "quarantined" in caplog.text and path in caplog.text
+
+
+def test_a_run_waiting_for_a_lock_says_whose_it_is(store, caplog):
+    import json
+    import os
+    import socket
+    import threading
+
+    with store.lock("ingest"):
+        owner = json.load(open(os.path.join(store.root, ".lock-ingest")))
+        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname() and owner["since"]
+        done = threading.Event()
+
+        def second():
+            with store.lock("ingest", poll_s=0.05):
+                done.set()
+
+        with caplog.at_level("WARNING", logger="acepipe.store"):
+            t = threading.Thread(target=second)
+            t.start()
+            t.join(0.5)
+            assert not done.is_set()
+    t.join(5)
+    assert done.is_set()
+    assert f"pid {os.getpid()} on {socket.gethostname()} since {owner['since']}" in caplog.text
+
+
+def test_two_processes_never_compute_the_same_partition_twice(tmp_path, tiny_models_dir):
+    """Two runs started together on one work root: each partition's stage work happens once
+    (the second waits on the partition's lock, then finds the output)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from schemas.common import CATALOG_SCHEMA
+
+    work = tmp_path / "work"
+    s = StageStore(work)
+    for p in range(4):
+        rows = [{"track_id": f"p{p}t{i}", "status": "ok", "uri": f"/x/{p}/{i}", "bytes": 99, "partition": p}
+                for i in range(3)]
+        s.write_table(s.catalog_path(p), pa.Table.from_pylist(rows, schema=CATALOG_SCHEMA))
+    log = tmp_path / "calls.log"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import test_store as t
+        from schemas.config import load_config
+        from tasks import stage as stage_mod
+        from tasks.stage import run_partition, stage_keys
+        from tasks.store import StageStore
+
+        stage_mod.STAGE_MODULES["upper"] = "test_store:Upper"
+        process = t.Upper.process
+        def slow(self, tracks):
+            with open({str(log)!r}, "a") as fh:
+                fh.write(",".join(x["track_id"] for x in tracks) + "\\n")
+            time.sleep(0.3)
+            return process(self, tracks)
+        t.Upper.process = slow
+        cfg = load_config("tiny", ["work_root={work}", "models.tiny_dir={tiny_models_dir}", "stages=[upper]"], environ={{}})
+        keys = stage_keys(cfg)
+        for p in range(4):
+            run_partition(StageStore({str(work)!r}), cfg, "upper", p, keys)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(2)]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    batches = log.read_text().split()
+    assert sorted(batches) == sorted(f"p{p}t0,p{p}t1,p{p}t2" for p in range(4))   # each once
