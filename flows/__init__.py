@@ -9,3 +9,5 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 # The store's and stages' own log lines (a quarantined output, a lock waited for) in the run's logs.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "acepipe")
+# ... which may also log outside a run (acepipe inspect, verify): no warning about the missing run.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

@@ -67,7 +67,7 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    from flows.curate import curate
+    from flows.curate import CurateFailed, curate
     from schemas.config import ConfigError
 
     params = _params(args)
@@ -84,22 +84,35 @@ def cmd_run(args) -> int:
         check_stages(cfg, dag_order(cfg.stages))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    summary = curate(params)
-    if args.json:
+    try:
+        summary, failure = curate(params), None
+    except CurateFailed as exc:   # failed tasks: the summary still says what was done
+        summary, failure = exc.summary, exc
+    if summary is not None and args.json:
         print(json.dumps(summary, indent=1))
-    else:
+    elif summary is not None:
         print_summary(summary)
+    if failure is not None:
+        print(f"acepipe: error: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_pipeline(args) -> int:
+    from flows.curate import CurateFailed
     from flows.pipeline import PipelineParams, pipeline
 
     params = _params(args)
     params.load()  # a malformed config fails here, before Prefect starts
-    result = pipeline(PipelineParams(run=params, dataset=args.dataset, train=not args.no_train,
-                                     train_config=args.train_config, max_steps=args.max_steps,
-                                     train_overrides=args.train_set))
+    try:
+        result = pipeline(PipelineParams(run=params, dataset=args.dataset, train=not args.no_train,
+                                         train_config=args.train_config, max_steps=args.max_steps,
+                                         train_overrides=args.train_set))
+    except CurateFailed as exc:   # the pipeline stopped after curate: nothing was packed
+        if exc.summary is not None:
+            print_summary(exc.summary)
+        print(f"acepipe: error: {exc}; pack, latents and train did not run", file=sys.stderr)
+        return 1
     print_summary(result["curate"])
     pack, lat = result["pack"], result["latents"]
     print(f"\npack        {pack['packed']} tracks in {pack['shards']} shards ({pack['bytes'] / 1e6:.1f} MB), "

@@ -5,7 +5,9 @@ upstream stages on that partition, so stages 3-6 run side by side. The stage sto
 decides what is skipped. Ends with one pass over the catalog and the stage outputs that
 explains every track: the per-stage table artifact ("curate-summary", this run's work and
 each stage's cumulative counts), the rejects Parquet under reports/ and the first rows of
-it as the "curate-rejects" artifact, and a summary line in the run's log.
+it as the "curate-rejects" artifact, and a summary line in the run's log. A run in which a
+stage task failed (a full disk, a bug) still writes all of that, then ends Failed with
+CurateFailed naming the failed stage x partition tasks and their causes.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
+from prefect.states import Failed
 
 from flows.params import RunParams
 from flows.runners import ensure_gpu_limit, gpu_tag, retry_only_transient, task_runner_for
@@ -25,6 +28,30 @@ from tasks.store import StageStore
 from tasks.summary import CatalogSummary, stage_table, summarize_catalog, summary_line, write_rejects
 
 REJECTS_SHOWN = 500   # rows of the curate-rejects artifact; the Parquet holds them all
+FAILURES_NAMED = 3    # failed tasks named in CurateFailed's message; the summary lists them all
+
+
+class CurateFailed(RuntimeError):
+    """Stage tasks failed. The summary and artifacts were written (the tracks of the failed
+    partitions count as not yet processed) and travel with the error as `summary`, so the CLI
+    can show them; a rerun computes only what is missing."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+
+
+def failure_message(failed: list[dict], not_run: int) -> str:
+    """One line: the first failed stage x partition tasks and their causes, then how many more."""
+    named = "; ".join(f"{f['stage']} partition {f['partition']}: {f['cause']}" for f in failed[:FAILURES_NAMED])
+    more = f"; and {len(failed) - FAILURES_NAMED} more" if len(failed) > FAILURES_NAMED else ""
+    waited = f" ({not_run} downstream tasks did not run)" if not_run else ""
+    return (f"{len(failed)} stage task{'s' * (len(failed) != 1)} failed{waited}: {named}{more}. "
+            "Their tracks count as not yet processed; fix the cause and rerun (done partitions are skipped)")
 
 
 @task(name="ingest", cache_policy=NONE)
@@ -69,8 +96,12 @@ def curate_stages(cfg: Config, partitions: list[int]) -> list[dict]:
             results.append(fut.result())
         except Exception as exc:  # noqa: BLE001 - reported in the summary, the run goes on
             stage, p = next(k for k, v in futures.items() if v is fut)
-            results.append({"stage": stage, "partition": p, "skipped": False, "ok": 0,
-                            "rejected": 0, "error": 0, "reasons": {f"task_failed: {exc}"[:80]: 1}})
+            failed = {"stage": stage, "partition": p, "skipped": False, "ok": 0, "rejected": 0, "error": 0}
+            if fut.state.is_pending():   # NotReady: an upstream task of this partition failed
+                results.append({**failed, "not_run": True, "reasons": {"not_run: upstream task failed": 1}})
+            else:                        # the table's reason stays short; `failed` keeps the cause
+                cause = one_line(exc)
+                results.append({**failed, "failed": cause, "reasons": {f"task_failed: {cause}"[:80]: 1}})
         if progress:
             update_progress_artifact(progress, 100.0 * done / len(futures))
     return results
@@ -93,12 +124,16 @@ def curate(params: RunParams = RunParams()) -> dict:
                   "reasons": ingested.rejected, "seconds": ingested.seconds}
     catalog, rejects_path = summary_task(cfg, ingested.partitions)
     table = stage_table([ingest_row] + results, catalog.totals)
+    order = dag_order(cfg.stages)
+    failed = sorted(({"stage": r["stage"], "partition": r["partition"], "cause": r["failed"]}
+                     for r in results if "failed" in r),
+                    key=lambda f: (order.index(f["stage"]), f["partition"]))
     summary = {"found": ingested.found, "new_tracks": ingested.new_tracks,
                "duplicates": ingested.duplicates, "known": ingested.known,
                "partitions": len(ingested.partitions),
                "new_partitions": len(ingested.new_partitions), "stages": table,
                "work_root": cfg.work_root, **catalog.counts(), "rejects_path": rejects_path,
-               "seconds": round(time.perf_counter() - started, 2)}
+               "failed_tasks": failed, "seconds": round(time.perf_counter() - started, 2)}
     line = summary_line(summary)
     create_table_artifact(table or [{"stage": "-", "partitions_run": 0}], key="curate-summary",
                           description=line)
@@ -108,4 +143,9 @@ def curate(params: RunParams = RunParams()) -> dict:
                           description=f"{n_rejects} rejected or failed tracks of {summary['tracks']} "
                                       f"({shown}all of them in `{rejects_path}`)")
     print(line)
+    if failed:
+        # A returned Failed state ends the run Failed without a traceback of this flow's own
+        # code in the log (each task's log holds its own); calling curate() raises CurateFailed.
+        message = f"curate: {failure_message(failed, sum(1 for r in results if r.get('not_run')))}"
+        return Failed(message=message, data=CurateFailed(message, summary))
     return summary

@@ -10,9 +10,10 @@ import posixpath
 
 import flows  # noqa: F401 - sets Prefect's offline environment before prefect is imported
 from prefect import flow
+from prefect.states import Failed
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.curate import curate
+from flows.curate import CurateFailed, curate
 from flows.latents import latents
 from flows.pack import pack
 from flows.params import DatasetParams, RunParams
@@ -37,7 +38,12 @@ class PipelineParams(BaseModel):
 def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     """Curate the sources, pack a dataset, encode its latents, then train on them."""
     dataset = DatasetParams(**params.run.model_dump(), dataset=params.dataset)
-    result: dict = {"curate": curate(params.run)}
+    try:
+        result: dict = {"curate": curate(params.run)}
+    except CurateFailed as exc:
+        # Packing a catalog with failed partitions would ship a partial dataset: stop here. A
+        # returned Failed state ends the run without a second traceback; the caller gets `exc`.
+        return Failed(message=str(exc), data=exc)
     result["pack"] = pack(dataset)
     result["latents"] = latents(dataset)
     if params.train:

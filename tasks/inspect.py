@@ -36,10 +36,13 @@ def inspect_track(cfg: Config, track: str) -> dict:
     keys = stage_keys(cfg, known)
     for name in known:
         path = store.stage_path(name, keys[name], row["partition"])
-        if not store.exists(path):
-            report["stages"][name] = {"status": "not run", "key": keys[name]}
+        existed = store.exists(path)
+        t = store.read_table_or_quarantine(path) if existed else None
+        if t is None:
+            report["stages"][name] = {"key": keys[name], "status": "not run" if not existed else
+                                      "output did not read and was moved to quarantine/; "
+                                      "`acepipe run` recomputes it"}
             continue
-        t = store.read_table(path)
         found = t.filter(pc.equal(t.column("track_id"), row["track_id"])).to_pylist()
         report["stages"][name] = ({"key": keys[name], **_plain(found[0])} if found else
                                   {"status": "not processed (rejected upstream)", "key": keys[name]})

@@ -1,11 +1,12 @@
 """Run summaries: per-stage counts, each track's final outcome across the DAG, and the rejects.
 
 A track's outcome is its first non-ok row in DAG order (catalog, then each stage). A track
-still ok whose partition has no output of the next stage yet (a failed or interrupted task)
-is `pending`, so `tracks == ok + rejected + error + pending` holds on every run and a
-rejected track names the stage and the reason that stopped it. One pass over the catalog and
-the stage outputs, a partition at a time, gives the outcomes, each stage's cumulative counts
-and the rejects table (schemas/summary.py) that the curate flow writes and shows.
+still ok whose partition has no output of the next stage yet (a failed or interrupted task, or
+an output that does not read, which is then moved to quarantine/) is `pending`, so
+`tracks == ok + rejected + error + pending` holds on every run and a rejected track names the
+stage and the reason that stopped it. One pass over the catalog and the stage outputs, a
+partition at a time, gives the outcomes, each stage's cumulative counts and the rejects table
+(schemas/summary.py) that the curate flow writes and shows.
 """
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ def partition_outcomes(store: StageStore, order: list[str], keys: dict[str, str]
                                    "stage": "ingest", "status": r["status"], "reason": r["reason"]}
     totals["ingest"] = Counter(r["status"] for r in catalog)
     for name in order:
-        path = store.stage_path(name, keys[name], partition)
+        # An output that does not read is quarantined and counts as missing (its tracks pending):
+        # one damaged file never stops the summary, and the next run recomputes it.
+        table = store.read_table_or_quarantine(store.stage_path(name, keys[name], partition),
+                                               columns=["track_id", "status", "reason"])
         rows = {}
-        if store.exists(path):
-            rows = {r["track_id"]: r for r in
-                    store.read_table(path, columns=["track_id", "status", "reason"]).to_pylist()}
+        if table is not None:
+            rows = {r["track_id"]: r for r in table.to_pylist()}
             totals[name] = Counter(r["status"] for r in rows.values())
         for track_id, o in outcomes.items():
             if o["status"] != STATUS_OK:
@@ -117,6 +120,9 @@ def stage_table(results: list[dict[str, Any]],
         if r["stage"] not in by_stage:
             order.append(r["stage"])
         s = by_stage[r["stage"]]
+        if r.get("not_run"):   # an upstream task failed: neither run nor skipped, but say why
+            s["reasons"].update(r["reasons"])
+            continue
         s["skipped" if r["skipped"] else "run"] += 1
         s["seconds"] += r.get("seconds", 0.0)   # an ingest that found nothing new still listed
         if r["skipped"]:

@@ -129,6 +129,135 @@ def test_version_bump_reruns_only_that_stage(prefect_harness, synth_corpus, tmp_
             assert s["partitions_run"] == first["partitions"], s
 
 
+@pytest.fixture(scope="module")
+def clean_run(prefect_harness, synth_corpus, tiny_models_dir, tmp_path_factory):
+    """One fault-free run that the fault-injection tests compare with: its summary, its work
+    root (copy it before changing anything) and the rows of every stage output."""
+    work = tmp_path_factory.mktemp("clean") / "work"
+    summary = run_curate([f"models.tiny_dir={tiny_models_dir}", f"lyrics_db={synth_corpus / 'lyrics.parquet'}"],
+                         work, [str(synth_corpus / "audio")])
+    assert summary["failed_tasks"] == [] and summary["pending"] == 0, summary["stages"]
+    return summary, work, stage_tables(work)
+
+
+def stage_tables(work: Path) -> dict[str, list[dict]]:
+    """Every stage output under a work root: relative path -> rows sorted by track_id."""
+    return {str(p.relative_to(work)): sorted(pq.read_table(p).to_pylist(), key=lambda r: r["track_id"])
+            for p in sorted((work / "stages").rglob("part-*.parquet"))}
+
+
+def partition_of(path: Path) -> int:
+    return int(path.name[len("part-"):].split(".")[0])
+
+
+def test_damaged_outputs_are_quarantined_and_recomputed(clean_run, synth_corpus, tmp_path, base_overrides):
+    """Fault injection: one stage output truncated to half, another of another stage overwritten
+    with random bytes. The rerun moves both aside, recomputes exactly those two, and ends with
+    the outputs of a clean run; `acepipe inspect` reads past a damaged file too."""
+    import random
+
+    from schemas.config import load_config
+    from tasks.inspect import inspect_track
+
+    clean, clean_work, clean_tables = clean_run
+    work = tmp_path / "work"
+    shutil.copytree(clean_work, work)
+    truncated = sorted((work / "stages" / "aesthetics").rglob("part-*.parquet"))[0]
+    garbage = sorted((work / "stages" / "rhythm").rglob("part-*.parquet"))[-1]
+    half = truncated.read_bytes()
+    truncated.write_bytes(half[: len(half) // 2])
+    garbage.write_bytes(random.Random(0).randbytes(garbage.stat().st_size))
+    damaged = {str(p.relative_to(work)) for p in (truncated, garbage)}
+
+    rerun = run_curate(base_overrides, work, [str(synth_corpus / "audio")])
+
+    assert rerun["failed_tasks"] == []
+    counts = ("tracks", "ok", "rejected", "error", "pending")
+    assert [rerun[k] for k in counts] == [clean[k] for k in counts]
+    quarantined = {str(p.relative_to(work / "quarantine")) for p in (work / "quarantine").rglob("*") if p.is_file()}
+    assert {q.rsplit(".", 1)[0] for q in quarantined} == damaged, quarantined
+    rows = {s["stage"]: s for s in rerun["stages"] if s["stage"] != "ingest"}
+    redone = {"aesthetics": str(partition_of(truncated)), "rhythm": str(partition_of(garbage))}
+    for name, s in rows.items():
+        assert (s["partitions_run"], s["ran"]) == ((1, redone[name]) if name in redone else (0, "")), s
+    assert stage_tables(work) == clean_tables
+
+    # A file damaged after the run: inspect reports it (and moves it aside) instead of crashing.
+    cfg = load_config("tiny", [f"work_root={work}", *base_overrides], environ={})
+    caption = sorted((work / "stages" / "caption").rglob("part-*.parquet"))[0]
+    track_id = next(r["track_id"] for r in pq.read_table(caption).to_pylist() if r["status"] == "ok")
+    caption.write_bytes(random.Random(1).randbytes(caption.stat().st_size))
+    report = inspect_track(cfg, track_id)
+    assert report["found"] and "quarantine" in report["stages"]["caption"]["status"], report["stages"]
+    assert report["stages"]["rhythm"]["status"] == "ok"
+    assert not caption.exists()
+
+
+def test_a_full_disk_fails_the_run_and_names_the_tasks(clean_run, synth_corpus, tmp_path, base_overrides,
+                                                       tiny_models_dir, monkeypatch, capsys):
+    """Fault injection: the disk fills while aesthetics writes. The run still writes its summary,
+    counts those tracks as not yet processed, and fails naming the tasks and the cause; the CLI
+    prints the summary and one error line; once there is space, a rerun completes."""
+    import errno
+
+    from flows.cli import main
+    from flows.curate import CurateFailed
+
+    write_table = StageStore.write_table
+    refused = []
+
+    def full_disk(self, path, table):
+        if "/stages/aesthetics/" in path:
+            refused.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_table(self, path, table)
+
+    monkeypatch.setattr(StageStore, "write_table", full_disk)
+    work = tmp_path / "work"
+    with pytest.raises(CurateFailed) as failed:
+        run_curate(base_overrides, work, [str(synth_corpus / "audio")])
+
+    message, summary = str(failed.value), failed.value.summary
+    assert message.startswith("curate: ") and "aesthetics partition 0" in message
+    assert "No space left on device" in message and "\n" not in message
+    partitions = StageStore(work).catalog_partitions()
+    assert sorted(refused) == sorted(set(refused)) and len(refused) == len(partitions)   # not retried
+    assert [(f["stage"], f["partition"], f["cause"]) for f in summary["failed_tasks"]] == [
+        ("aesthetics", p, "OSError: [Errno 28] No space left on device") for p in partitions]
+    assert summary["ok"] == 0 and summary["error"] == 0
+    assert summary["pending"] == summary["by_reason"]["aesthetics/pending"] > 0
+    assert summary["tracks"] == summary["rejected"] + summary["pending"]
+    rows = {s["stage"]: s for s in summary["stages"]}
+    assert rows["aesthetics"]["partitions_run"] == len(partitions)
+    assert rows["aesthetics"]["reasons"] == f"task_failed: OSError: [Errno 28] No space left on device={len(partitions)}"
+    assert rows["caption"]["partitions_run"] == rows["caption"]["partitions_skipped"] == 0
+    assert rows["caption"]["reasons"] == f"not_run: upstream task failed={len(partitions)}"
+    assert (work / "reports" / "curate-rejects.parquet").is_file()   # the operator's summary is written
+
+    cli_args = ["--config", "tiny", "--work", str(work), "--source", str(synth_corpus / "audio"),
+                "--set", f"models.tiny_dir={tiny_models_dir}", "--set", f"lyrics_db={synth_corpus / 'lyrics.parquet'}"]
+    capsys.readouterr()
+    assert main(["run", *cli_args]) == 1
+    out, err = capsys.readouterr()
+    assert f"not yet processed {summary['pending']}" in out
+    assert err.rstrip().splitlines()[-1].startswith("acepipe: error: curate: ")
+    assert "aesthetics partition 0: OSError: [Errno 28] No space left on device" in err
+    # The pipeline stops after a failed curate: nothing is packed from a partial catalog.
+    assert main(["pipeline", *cli_args, "--no-train"]) == 1
+    out, err = capsys.readouterr()
+    assert f"not yet processed {summary['pending']}" in out
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("acepipe: error: curate: ") and last.endswith("pack, latents and train did not run")
+    assert not (work / "manifest").exists()
+
+    monkeypatch.undo()   # space again
+    assert main(["run", *cli_args, "--json"]) == 0
+    out = capsys.readouterr().out
+    rerun = json.loads(out[out.index("{"):])
+    assert rerun["failed_tasks"] == [] and rerun["pending"] == 0
+    assert (rerun["ok"], rerun["rejected"], rerun["error"]) == (clean_run[0]["ok"], clean_run[0]["rejected"], 0)
+
+
 @pytest.mark.slow
 def test_dask_runner_gives_the_same_outputs(prefect_harness, synth_corpus, tmp_path, base_overrides):
     a = run_curate(base_overrides, tmp_path / "threads", [str(synth_corpus / "audio")])

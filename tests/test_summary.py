@@ -33,6 +33,18 @@ def test_stage_table_counts_this_runs_work_and_the_cumulative_totals():
          "total_ok": 7, "total_rejected": 2, "total_error": 0}]
 
 
+def test_stage_table_shows_a_failed_task_and_the_tasks_that_waited_for_it():
+    rows = stage_table([
+        {"stage": "probe", "partition": 0, "skipped": False, "ok": 0, "rejected": 0, "error": 0,
+         "failed": "OSError: [Errno 28] No space left on device",
+         "reasons": {"task_failed: OSError: [Errno 28] No space left on device": 1}},
+        {"stage": "tag", "partition": 0, "skipped": False, "ok": 0, "rejected": 0, "error": 0,
+         "not_run": True, "reasons": {"not_run: upstream task failed": 1}}])
+    assert [(r["stage"], r["partitions_run"], r["partitions_skipped"], r["ran"], r["reasons"]) for r in rows] == [
+        ("probe", 1, 0, "0", "task_failed: OSError: [Errno 28] No space left on device=1"),
+        ("tag", 0, 0, "", "not_run: upstream task failed=1")]
+
+
 def _catalog(store: StageStore, partition: int, rows: list[tuple[str, str, str | None]]) -> None:
     store.write_table(store.catalog_path(partition), pa.Table.from_pylist(
         [{"track_id": t, "status": s, "reason": r, "uri": f"/music/{t}.wav", "partition": partition}
@@ -87,3 +99,22 @@ def test_summary_line_accounts_for_every_track_and_file():
     assert line == ("curate: 19 tracks (12 kept, 7 rejected, 0 error, 0 not yet processed); this run "
                     "found 20 files (0 new tracks, 0 exact duplicates folded, 20 already catalogued); "
                     "rejects in /w/reports/curate-rejects.parquet")
+
+
+def test_a_damaged_stage_output_is_quarantined_and_its_tracks_pending(tmp_path):
+    store = StageStore(tmp_path / "work")
+    _catalog(store, 0, [("a", "ok", None), ("b", "ok", None)])
+    _stage(store, "probe", 0, [("a", "ok", None), ("b", "rejected", "silent: peak -120.0 dBFS")])
+    _stage(store, "tag", 0, [("a", "ok", None)])
+    damaged = store.stage_path("tag", "k", 0)
+    data = open(damaged, "rb").read()
+    open(damaged, "wb").write(data[: len(data) // 2])   # truncated by a full disk or a crash
+
+    summary = summarize_catalog(store, ["probe", "tag"], {"probe": "k", "tag": "k"}, [0])
+
+    assert summary.counts()["pending"] == 1 and summary.counts()["ok"] == 0
+    assert summary.by_reason == Counter({"probe/silent": 1, "tag/pending": 1})
+    assert "tag" not in summary.totals
+    assert not store.exists(damaged)      # moved aside: the next run recomputes it
+    [kept] = (tmp_path / "work" / "quarantine" / "stages" / "tag" / "k").iterdir()
+    assert kept.name.startswith("part-00000.parquet.") and kept.read_bytes() == data[: len(data) // 2]
