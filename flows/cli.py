@@ -4,6 +4,7 @@
     acepipe run [--config C] [--source S] [--work W] [--set k=v]   the curate flow
     acepipe config [--config C] [--explain]      the effective config (YAML), or every key explained
     acepipe inspect TRACK_ID_OR_PATH [--config C] [--work W]      every stage output of a track
+    acepipe verify [--repair] [--config C] [--work W]    check every output under the work root (--repair fixes)
     acepipe analyze FILE... [--json]              rhythm/key/structure of files, no flow, no store
     acepipe lyrics index --db DB --out DIR        build the IPA MinHash index of a lyrics database
     acepipe lyrics match --index DIR (--text T | --jsonl F)   one JSON line per query: id, lyric_id, score
@@ -121,7 +122,8 @@ def cmd_pipeline(args) -> int:
     if "train" in result:
         final = result["train"]
         print(f"train       step {final['step']}, checkpoint {final['checkpoint']}")
-        print("            " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(final["metrics"].items())))
+        print("            " + (", ".join(f"{k} {v:.4f}" for k, v in sorted(final["metrics"].items()))
+                                 or "nothing left to train: the run was already at its last step"))
     return 0
 
 
@@ -176,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("track", help="track_id or path of an ingested file")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="check every output under the work root (--repair to fix)")
+    _add_config_args(p)
+    p.add_argument("--repair", action="store_true", help="quarantine what is damaged, rewrite damaged shards")
+    p.set_defaults(func=lambda a: _call("tasks.verify:cli_verify", a))
 
     p = sub.add_parser("analyze", help="rhythm, key and structure of audio files (no flow)")
     p.add_argument("files", nargs="+")

@@ -1,7 +1,8 @@
 """The pack flow: manifest, WebDataset shards, shard index and the dataset report of a dataset.
 
 One task does the pack (tasks/pack.py; it skips itself when the index on disk was built from
-the same inputs and config), one the report, which is also a Prefect markdown artifact.
+the same inputs and config and every shard has its recorded size, and writes a damaged shard
+again alone), one the report, which is also a Prefect markdown artifact.
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ def pack(params: DatasetParams = DatasetParams()) -> dict:
                                  description=f"dataset {params.dataset}: {summary['packed']} tracks")
     print(f"pack {params.dataset}: {summary['packed']} tracks in {summary['shards']} shards, "
           f"{summary['rejected']} left out{' (unchanged, skipped)' if summary['skipped'] else ''}")
+    if summary.get("rewritten"):
+        print(f"rewrote {len(summary['rewritten'])} damaged shard(s) with their recorded size and checksum: "
+              f"{', '.join(summary['rewritten'])}; the rest unchanged")
     if summary["stage_missing"]:
         print(f"warning: {summary['stage_missing']} tracks wait for a stage output (curate has not "
               "finished their partitions); they are not in this pack")

@@ -2,7 +2,9 @@
 
 Per dataset, under `latents/<dataset>/`:
   shard-NNNNNN.tar            one latent shard per audio shard (WebDataset, same number)
-  records/shard-NNNNNN.parquet  every track of that audio shard: ok or rejected, with reason
+  records/shard-NNNNNN.parquet  every track of that audio shard: ok or rejected, with reason;
+                              its schema metadata: fingerprint, encoder_id, revision, and the
+                              latent tar's tar_bytes and tar_blake2b (blake2b-128 hex) as written
   index.parquet               ok tracks only (shard, track_id, frames, ...), written last
   rejects.parquet             the rejected tracks of all shards, with reasons
 """

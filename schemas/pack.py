@@ -5,8 +5,10 @@ configured stage's output for tracks kept by all of them and by the pack filter.
 a stage that is not configured are null. Its schema metadata carries the stage keys it was
 built from. The shard index (`shards/<dataset>/index.parquet`) lists each sample's shard;
 it is written last, so its presence says the shards, manifest and rejects beside it are
-complete. A sample's JSON holds the manifest row less uri, partition, shard and flac_bytes
-(where the file lay, not what it is), plus sample_rate, channels and lyrics_text.
+complete, and it records each shard's size and blake2b as written (a pack rerun compares
+sizes, acepipe verify checksums). A sample's JSON holds the manifest row less uri, partition,
+shard and flac_bytes (where the file lay, not what it is), plus sample_rate, channels and
+lyrics_text.
 """
 from __future__ import annotations
 
@@ -93,7 +95,11 @@ SHARD_INDEX_SCHEMA = pa.schema([
     pa.field("track_id", pa.string(), nullable=False),
     pa.field("bytes", pa.int64()),        # the sample's bytes in the tar (payload of its files)
     pa.field("duration", pa.float64()),
+    pa.field("shard_bytes", pa.int64()),   # the whole shard file's size, as written
+    pa.field("shard_blake2b", pa.string()),   # blake2b-128 (hex) of the shard file, as written
 ])
+# An index without these (written before they existed) is rebuilt, like one that does not read.
+SHARD_DIGEST_COLUMNS = ("shard_bytes", "shard_blake2b")
 
 # Tracks that were candidates but did not make it into the shards, with why.
 PACK_REJECTS_SCHEMA = pa.schema([

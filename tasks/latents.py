@@ -15,9 +15,11 @@ in batches of similar duration with ACE-Step's music DCAE (tasks/latents_models.
     latents/<dataset>/rejects.parquet, index.parquet  (ok tracks only; written last)
 
 A shard's tar is renamed into place before its record, and a record carries the shard's
-fingerprint (latents config, encoders, the audio shard's tracks), so a rerun skips every shard
-whose record matches. T = ceil(samples / 4096); valid_length = floor(samples / 4096), the frames
-wholly covered by audio (ACE-Step's latent_lengths). Batches are padded to their longest track;
+fingerprint (latents config, encoders, the audio shard's tracks) and the tar's size and blake2b
+as written, so a rerun skips every shard whose record matches and whose tar has that size (a
+stat; acepipe verify compares checksums); a shard whose tar or record is gone, or whose record
+does not read, is encoded again. T = ceil(samples / 4096); valid_length = floor(samples / 4096),
+the frames wholly covered by audio (ACE-Step's latent_lengths). Batches are padded to their longest track;
 the DCAE's linear attention spans the whole mel, so padding moves a latent slightly (ACE-Step
 trains on batch-padded latents too); sorting by duration keeps the padding small.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import re
 import tarfile
@@ -48,9 +51,10 @@ from tasks.latents_batch import batches, decode_sample, encode_batch, encoders, 
 # The model adapters live in latents_models.py; tasks/models.py and model/images.py find them here.
 from tasks.latents_models import build_tiny_dcae, build_tiny_mert, build_tiny_mhubert, load_dcae  # noqa: F401
 from tasks.pack import check_dataset_name
-from tasks.shards import TMP_PREFIX, ordered_map, tar_header
+from tasks.shards import TMP_PREFIX, DigestingWriter, damaged_shards, ordered_map, tar_header
 from tasks.store import StageStore
 
+log = logging.getLogger("acepipe.latents")
 VERSION = "1"
 SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
 
@@ -104,9 +108,9 @@ def prepare(cfg: Config, the_plan: dict, store: StageStore) -> bool:
     a killed run left). Returns True when the index on disk is already the plan's."""
     out = latent_dir(store, the_plan["dataset"])
     index_path = posixpath.join(out, "index.parquet")
-    if store.exists(index_path):
-        meta = store.read_table(index_path).schema.metadata or {}
-        if meta.get(b"fingerprint", b"").decode() == the_plan["fingerprint"]:
+    index = store.read_table_or_quarantine(index_path)   # one that does not read is rewritten
+    if index is not None:
+        if (index.schema.metadata or {}).get(b"fingerprint", b"").decode() == the_plan["fingerprint"]:
             return True
         store.fs.rm(index_path)
     for directory in (out, posixpath.join(out, "records")):
@@ -143,9 +147,14 @@ def encode_shard(cfg: Config, dataset: str, shard_plan: dict, store: StageStore 
     shard, fingerprint = shard_plan["shard"], shard_plan["fingerprint"]
     out_dir = latent_dir(store, dataset)
     rec_path, tar_path = record_path(store, dataset, shard), posixpath.join(out_dir, shard)
-    if store.exists(rec_path) and store.exists(tar_path):
-        record = store.read_table(rec_path)
-        if (record.schema.metadata or {}).get(b"fingerprint", b"").decode() == fingerprint:
+    record = store.read_table_or_quarantine(rec_path) if store.exists(tar_path) else None
+    if record is not None:
+        meta = record.schema.metadata or {}
+        recorded = {shard: int(meta[b"tar_bytes"])} if b"tar_bytes" in meta else {}
+        damaged = damaged_shards(store, out_dir, recorded)
+        if damaged:
+            log.warning("latents: %s is damaged (%s); encoding it again", tar_path, damaged[shard])
+        elif meta.get(b"fingerprint", b"").decode() == fingerprint:
             return _counts(shard, record.to_pylist(), skipped=True, seconds=time.perf_counter() - started)
 
     dcae, ssl = encoders(cfg)
@@ -156,7 +165,8 @@ def encode_shard(cfg: Config, dataset: str, shard_plan: dict, store: StageStore 
     store.fs.makedirs(out_dir, exist_ok=True)
     tmp = posixpath.join(out_dir, f"{TMP_PREFIX}{uuid.uuid4().hex}-{shard}")
     try:
-        with store.fs.open(tmp, "wb") as fh:
+        with store.fs.open(tmp, "wb") as raw:
+            fh = DigestingWriter(raw)   # the tar's size and blake2b, for its record
             samples = _read_samples(store, audio_path, [t for g in groups for t in g])
             sizes = [len(g) for g in groups]
 
@@ -179,7 +189,8 @@ def encode_shard(cfg: Config, dataset: str, shard_plan: dict, store: StageStore 
             store.fs.rm(tmp)
     rows.sort(key=lambda r: r["track_id"])
     record = pa.Table.from_pylist(rows, schema=LATENT_RECORD_SCHEMA).replace_schema_metadata(
-        {"fingerprint": fingerprint, "encoder_id": dcae.encoder_id, "revision": dcae.revision})
+        {"fingerprint": fingerprint, "encoder_id": dcae.encoder_id, "revision": dcae.revision,
+         "tar_bytes": str(fh.size), "tar_blake2b": fh.checksum})
     store.write_table(rec_path, record)   # the shard's completion mark: after its tar
     return _counts(shard, rows, skipped=False, seconds=time.perf_counter() - started)
 

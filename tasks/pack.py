@@ -14,16 +14,22 @@ stage outputs (not where the file lies), so the same inputs and config give byte
 shards. A shard is written under a hidden temporary name and renamed when complete. Before any
 shard changes, the index, manifest and rejects of the previous pack are removed, so an
 index on disk always describes the shards beside it: readers go by the index, never by a
-directory listing. Reason codes added here: `filtered` (the pack filter; detail names the
-field and threshold), `missing_field` (a required or filtered-on value is null),
-`source_missing` and `source_changed` (the file is gone, or its bytes are no longer the ones
-ingested), and the audio loader's codes for audio that fails to decode at pack time.
+directory listing. The index records each shard's size and blake2b as written; a rerun whose
+inputs are unchanged stats every shard before it skips, and writes a missing or resized shard
+again from its own tracks (kept only if it comes out with the recorded checksum; else the
+whole dataset is packed again). Reason codes added here: `filtered` (the pack filter; detail
+names the field and threshold), `missing_field` (a required or filtered-on value is null),
+`stage_unreadable` (a stage output of the track's partition does not read: it is moved to
+quarantine/ and curate recomputes it), `source_missing` and `source_changed` (the file is
+gone, or its bytes are no longer the ones ingested), and the audio loader's codes for audio
+that fails to decode at pack time.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import posixpath
 import time
 from collections import Counter
@@ -34,12 +40,15 @@ import soundfile as sf
 
 from schemas.common import STATUS_OK, reason_code
 from schemas.config import Config, ConfigError, section_dump
-from schemas.pack import MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, SHARD_INDEX_SCHEMA, PackFilter
+from schemas.pack import (MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, SHARD_DIGEST_COLUMNS, SHARD_INDEX_SCHEMA,
+                          PackFilter)
 from tasks.audio import load_track
 from tasks.ingest import content_hash
-from tasks.shards import TMP_PREFIX, ShardWriter, ordered_map
+from tasks.shards import TMP_PREFIX, ShardWriter, damaged_shards, ordered_map, rewrite_shard
 from tasks.stage import dag_order, stage_keys
 from tasks.store import StageStore, StoreError
+
+log = logging.getLogger("acepipe.pack")
 
 # Catalog facts without which a track cannot be decoded or described.
 REQUIRED = ("duration", "source_sample_rate", "source_channels", "codec")
@@ -153,7 +162,15 @@ def candidates(store: StageStore, cfg: Config) -> tuple[list[tuple[dict, dict]],
                 rows = {}
                 break
             columns = ["track_id", "status", *STAGE_COLUMNS.get(name, [])]
-            found = {r["track_id"]: r for r in store.read_table(path, columns=columns).to_pylist()}
+            table = store.read_table_or_quarantine(path, columns=columns)
+            if table is None:   # quarantined: its tracks lack this stage's columns until curate reruns
+                reason = (f"stage_unreadable: {posixpath.relpath(path, store.root)} did not read and was "
+                          "moved to quarantine/; run `acepipe run` (curate recomputes it), then pack again")
+                rejects.extend({"track_id": t["track_id"], "uri": t["uri"], "reason": reason}
+                               for t in rows.values())
+                rows = {}
+                break
+            found = {r["track_id"]: r for r in table.to_pylist()}
             for tid in list(rows):
                 up = found.get(tid)
                 if up is None or up["status"] != STATUS_OK:
@@ -252,16 +269,19 @@ def require_catalog(store: StageStore) -> None:
                          "root before packing")
 
 
-def pack(cfg: Config, dataset: str = "default", store: StageStore | None = None) -> dict:
-    """Build manifest, shards, index and rejects for `dataset`. Returns a summary dict."""
+def pack(cfg: Config, dataset: str = "default", store: StageStore | None = None,
+         expect_fingerprint: str | None = None) -> dict:
+    """Build manifest, shards, index and rejects for `dataset`. Returns a summary dict.
+    With `expect_fingerprint` (acepipe verify repairing a pack), refuse with a StoreError,
+    before any file changes, when this config and the stage outputs would pack other data."""
     check_dataset_name(dataset)
     store = store or StageStore(cfg.work_root)
     require_catalog(store)
     with store.lock(f"pack-{dataset}"):
-        return _pack(cfg, dataset, store)
+        return _pack(cfg, dataset, store, expect_fingerprint)
 
 
-def _pack(cfg: Config, dataset: str, store: StageStore) -> dict:
+def _pack(cfg: Config, dataset: str, store: StageStore, expect_fingerprint: str | None = None) -> dict:
     started = time.perf_counter()
     shard_dir = store.path("shards", dataset)
     index_path = posixpath.join(shard_dir, "index.parquet")
@@ -269,23 +289,31 @@ def _pack(cfg: Config, dataset: str, store: StageStore) -> dict:
     rejects_path = posixpath.join(shard_dir, "rejects.parquet")
     pairs, rejects, upstream = candidates(store, cfg)
     fp = fingerprint(cfg, dataset, upstream["keys"], [r["track_id"] for r, _ in pairs])
-    summary = {"dataset": dataset, "work_root": cfg.work_root, "fingerprint": fp, **upstream}
+    if expect_fingerprint is not None and fp != expect_fingerprint:
+        raise StoreError(f"dataset {dataset} was packed from other inputs than this config and the stage "
+                         f"outputs give now (fingerprint {expect_fingerprint}, now {fp}): if stage outputs "
+                         "were quarantined run `acepipe run` first; then `acepipe pack --dataset "
+                         f"{dataset}` with the config that packed it")
+    summary = {"dataset": dataset, "work_root": cfg.work_root, "fingerprint": fp, "rewritten": [], **upstream}
 
+    _remove_temporaries(store, shard_dir)
     index = _read_index(store, index_path)
-    if index is not None:
-        shards = sorted(set(index.column("shard").to_pylist()))
-        if (index.schema.metadata or {}).get(b"fingerprint", b"").decode() == fp and \
-                store.exists(manifest_path) and store.exists(rejects_path) and \
-                all(store.exists(posixpath.join(shard_dir, s)) for s in shards):
+    if index is not None and (index.schema.metadata or {}).get(b"fingerprint", b"").decode() == fp and \
+            _reads(store, manifest_path) and _reads(store, rejects_path):
+        rows = index.to_pylist()
+        shards = sorted({r["shard"] for r in rows})
+        damaged = damaged_shards(store, shard_dir, {r["shard"]: r["shard_bytes"] for r in rows})
+        problem = _rewrite_shards(cfg, store, shard_dir, damaged, rows, pairs)
+        if problem is None:
             old_rejects = store.read_table(rejects_path).to_pylist()
-            return {**summary, "skipped": True, "packed": index.num_rows, "shards": len(shards),
-                    **_outcome(old_rejects, index.to_pylist()),
+            return {**summary, "skipped": not damaged, "rewritten": sorted(damaged), "packed": len(rows),
+                    "shards": len(shards), **_outcome(old_rejects, rows),
                     "seconds": round(time.perf_counter() - started, 2)}
+        log.warning("pack %s: %s; packing the whole dataset again", dataset, problem)
     # From here on no index, manifest or rejects describes shards that are about to change.
     for path in (index_path, manifest_path, rejects_path):
         if store.exists(path):
             store.fs.rm(path)
-    _remove_temporaries(store, shard_dir)
 
     packed: list[dict] = []
     index_rows: list[dict] = []
@@ -299,6 +327,8 @@ def _pack(cfg: Config, dataset: str, store: StageStore) -> dict:
             index_rows.append({"shard": shard, "track_id": row["track_id"],
                                "bytes": sum(len(b) for b in files.values()), "duration": row["duration"]})
         shards = list(writer.shards)
+    for r in index_rows:
+        r["shard_bytes"], r["shard_blake2b"] = writer.digests[r["shard"]]
     _remove_stale_shards(store, shard_dir, set(shards))
 
     manifest = pa.Table.from_pylist(packed, schema=MANIFEST_SCHEMA).replace_schema_metadata(
@@ -314,14 +344,49 @@ def _pack(cfg: Config, dataset: str, store: StageStore) -> dict:
 
 
 def _read_index(store: StageStore, index_path: str) -> pa.Table | None:
-    """The index on disk, or None when there is none or it does not read (a power cut can
-    leave a renamed file without its data): either way the pack is rebuilt."""
+    """The index on disk, or None when there is none, it does not read (a power cut can
+    leave a renamed file without its data) or it lacks the shard sizes and checksums (an
+    older version wrote it): in each case the pack is rebuilt."""
     if not store.exists(index_path):
         return None
     try:
-        return store.read_table(index_path)
+        index = store.read_table(index_path)
     except (OSError, pa.ArrowInvalid):
         return None
+    return index if all(c in index.column_names for c in SHARD_DIGEST_COLUMNS) else None
+
+
+def _reads(store: StageStore, path: str) -> bool:
+    return store.exists(path) and store.unreadable(path) is None
+
+
+def _rewrite_shards(cfg: Config, store: StageStore, shard_dir: str, damaged: dict[str, str],
+                    index_rows: list[dict], pairs: list[tuple[dict, dict]]) -> str | None:
+    """Write each damaged shard again from its own tracks (index order); None when each came out
+    with the size and checksum the index recorded, else why the dataset must be packed again."""
+    by_id = {row["track_id"]: (row, track) for row, track in pairs}
+    for shard, why in damaged.items():
+        log.warning("pack: %s is damaged (%s); writing it again from its tracks",
+                    posixpath.join(shard_dir, shard), why)
+        rows = [r for r in index_rows if r["shard"] == shard]
+        if any(r["track_id"] not in by_id for r in rows):
+            return f"{shard} cannot be written again alone (some of its tracks are no longer candidates)"
+        failed: list[str] = []
+
+        def samples(rows=rows, failed=failed):
+            for row, files, reason in ordered_map(lambda p: encode_sample(p, cfg),
+                                                  [by_id[r["track_id"]] for r in rows], cfg.pack.workers):
+                if reason:
+                    failed.append(f"track {row['track_id']} now fails: {reason}")
+                    return
+                yield row["track_id"], files
+
+        problem = rewrite_shard(store, shard_dir, shard, cfg.pack.shard_bytes, samples(),
+                                (rows[0]["shard_bytes"], rows[0]["shard_blake2b"]))
+        if failed or problem:
+            return f"{shard} cannot be written again alone ({(failed or [problem])[0]})"
+        log.warning("pack: rewrote %s with its recorded size and checksum", posixpath.join(shard_dir, shard))
+    return None
 
 
 def _outcome(rejects: list[dict], index_rows: list[dict]) -> dict:
@@ -334,7 +399,7 @@ def _remove_temporaries(store: StageStore, shard_dir: str) -> None:
     """Temporaries a killed run left behind (the pack lock keeps live runs out)."""
     for name in store.listdir(shard_dir):
         if name.startswith(TMP_PREFIX):
-            store.fs.rm(posixpath.join(shard_dir, name))
+            store.fs.rm(posixpath.join(shard_dir, name), recursive=True)
 
 
 def _remove_stale_shards(store: StageStore, shard_dir: str, keep: set[str]) -> None:

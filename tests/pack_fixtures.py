@@ -69,10 +69,19 @@ def build_work(root: Path, synth_corpus: Path, tiny_dir: Path, *overrides: str) 
     cfg = tiny_config(root / "work", tiny_dir, synth_corpus / "lyrics.parquet", *overrides)
     store = StageStore(cfg.work_root)
     result = ingest(cfg, store, [str(audio)])
+    write_stages(cfg, store, result.partitions)
+    return cfg
+
+
+def write_stages(cfg: Config, store: StageStore, partitions: list[int]) -> None:
+    """Probe (the real stage) and the other stages' rows for each partition whose output is
+    missing: what `acepipe run` would compute, for a work root this helper built."""
     keys = stage_keys(cfg, dag_order(cfg.stages))
-    for p in result.partitions:
+    for p in partitions:
         run_partition(store, cfg, "probe", p, keys)
         for name in STAGES[1:]:
+            if store.exists(store.stage_path(name, keys[name], p)):
+                continue
             cls = stage_class(name)
             tracks = store.joined_rows(p, {u: keys[u] for u in cls.inputs if u == "probe"})
             rows = [stage_row(name, t) for t in tracks]
@@ -80,4 +89,3 @@ def build_work(root: Path, synth_corpus: Path, tiny_dir: Path, *overrides: str) 
                 rows[0].update(status="rejected", reason="low_quality: pq below threshold")
             store.write_table(store.stage_path(name, keys[name], p),
                               pa.Table.from_pylist(rows, schema=cls.schema))
-    return cfg

@@ -238,6 +238,32 @@ def test_a_corrupt_flac_is_a_reject_and_the_rest_of_its_shard_is_encoded(packed,
     assert victim not in keys and keys == {t["track_id"] for t in shard["tracks"]} - {victim}
 
 
+def test_a_record_holds_its_tars_size_and_checksum_and_a_cut_tar_is_encoded_again(packed, tmp_path, caplog):
+    from tasks.shards import file_digest
+
+    cfg = copy_work(packed, tmp_path)
+    cfg = cfg.model_copy(update={"latents": cfg.latents.model_copy(update={
+        "mert": cfg.latents.mert.model_copy(update={"enabled": False}),
+        "mhubert": cfg.latents.mhubert.model_copy(update={"enabled": False})})})
+    store = StageStore(cfg.work_root)
+    shard = plan(cfg, "default", store)["shards"][0]
+    assert encode_shard(cfg, "default", shard, store)["skipped"] is False
+    out = Path(store.path("latents", "default"))
+    tar, record = out / shard["shard"], out / "records" / shard["shard"].replace(".tar", ".parquet")
+    meta = pq.read_schema(record).metadata
+    assert (int(meta[b"tar_bytes"]), meta[b"tar_blake2b"].decode()) == file_digest(store, str(tar))
+    clean = tar.read_bytes()
+    assert encode_shard(cfg, "default", shard, store)["skipped"] is True
+
+    tar.write_bytes(clean[: len(clean) // 2])          # a stat tells: encoded again, same bytes
+    with caplog.at_level("WARNING", logger="acepipe.latents"):
+        assert encode_shard(cfg, "default", shard, store)["skipped"] is False
+    assert f"{shard['shard']} is damaged" in caplog.text and tar.read_bytes() == clean
+    record.write_bytes(b"not parquet")                 # a record that does not read: quarantined, encoded again
+    assert encode_shard(cfg, "default", shard, store)["skipped"] is False
+    assert tar.read_bytes() == clean and list((Path(cfg.work_root) / "quarantine").rglob("shard-*.parquet.*"))
+
+
 @pytest.mark.slow
 def test_latents_flow_writes_shards_the_trainer_reads_and_a_rerun_skips_them(packed, tmp_path, capsys,
                                                                              prefect_harness):

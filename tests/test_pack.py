@@ -188,6 +188,88 @@ def test_changing_a_pack_value_repacks(work):
     assert_consistent(work.store, "resize")
 
 
+def _shard_bytes(store: StageStore, dataset: str) -> dict[str, bytes]:
+    return {name: Path(store.path("shards", dataset, name)).read_bytes() for name in visible_shards(store, dataset)}
+
+
+def test_a_truncated_or_missing_shard_is_written_again_alone(work, caplog):
+    store = work.store
+    pack(work.cfg, "damaged")
+    clean = _shard_bytes(store, "damaged")
+    index, manifest = index_of(store, "damaged"), manifest_of(store, "damaged")
+    assert len(clean) >= 3 and {r["shard_bytes"] for r in index} >= {len(b) for b in clean.values()}
+    shard_dir = Path(store.path("shards", "damaged"))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
+    victim = shard_dir / "shard-000001.tar"
+    victim.write_bytes(clean[victim.name][: len(clean[victim.name]) // 3])   # a cut copy, a full disk
+    (shard_dir / "shard-000002.tar").unlink()
+
+    with caplog.at_level("WARNING", logger="acepipe.pack"):
+        summary = pack(work.cfg, "damaged")
+    assert summary["skipped"] is False and summary["rewritten"] == ["shard-000001.tar", "shard-000002.tar"]
+    assert "shard-000001.tar is damaged" in caplog.text and "shard-000002.tar is damaged (missing)" in caplog.text
+    assert _shard_bytes(store, "damaged") == clean                      # the very bytes packed before
+    after = {p.name: p.stat().st_mtime_ns for p in shard_dir.iterdir()}
+    assert {n for n in after if after[n] != mtimes.get(n)} == {"shard-000001.tar", "shard-000002.tar"}
+    assert index_of(store, "damaged") == index and manifest_of(store, "damaged") == manifest
+    assert_consistent(store, "damaged")
+    assert not list(shard_dir.glob(".tmp-*"))
+    assert pack(work.cfg, "damaged")["skipped"] is True
+
+    # An index written before shard sizes and checksums were recorded: the pack is rebuilt.
+    old = pq.read_table(shard_dir / "index.parquet")
+    pq.write_table(old.drop_columns(["shard_bytes", "shard_blake2b"]), shard_dir / "index.parquet")
+    rebuilt = pack(work.cfg, "damaged")
+    assert rebuilt["skipped"] is False and rebuilt["rewritten"] == []
+    assert index_of(store, "damaged") == index and _shard_bytes(store, "damaged") == clean
+
+
+def test_a_shard_that_cannot_be_rewritten_alone_repacks_the_dataset(tmp_path, synth_corpus, tiny_models_dir,
+                                                                     caplog):
+    cfg = build_work(tmp_path, synth_corpus, tiny_models_dir)
+    store = StageStore(cfg.work_root)
+    pack(cfg)
+    index = index_of(store, "default")
+    victim = next(r for r in index if r["shard"] == "shard-000001.tar")
+    track = next(t for t in store.read_catalog().to_pylist() if t["track_id"] == victim["track_id"])
+    os.remove(os.fsdecode(track["uri_raw"]))            # its source is gone since the pack
+    Path(store.path("shards", "default", "shard-000001.tar")).write_bytes(b"")
+
+    with caplog.at_level("WARNING", logger="acepipe.pack"):
+        summary = pack(cfg)
+    assert "shard-000001.tar cannot be written again alone" in caplog.text
+    assert "packing the whole dataset again" in caplog.text
+    assert summary["skipped"] is False and summary["rewritten"] == [] and summary["packed"] == len(index) - 1
+    assert reason_code(rejects_of(store, "default")[victim["track_id"]]) == "source_missing"
+    assert_consistent(store, "default")
+
+
+def test_an_unreadable_stage_output_rejects_its_tracks_and_pack_goes_on(work, tmp_path, caplog):
+    copy = tmp_path / "work"
+    shutil.copytree(work.cfg.work_root, copy, ignore=shutil.ignore_patterns("shards", "manifest", ".lock-*"))
+    cfg = with_overrides(work.cfg, work=copy)
+    store = StageStore(cfg.work_root)
+    keys = json.loads(pq.read_schema(work.store.path("manifest", "default.parquet")).metadata[b"stage_keys"])
+    damaged = Path(store.stage_path("caption", keys["caption"], 1))
+    damaged.write_bytes(damaged.read_bytes()[:-20])          # the footer is gone
+    in_partition = {r["track_id"] for r in work.manifest if r["partition"] == 1}
+    assert in_partition
+
+    with caplog.at_level("WARNING", logger="acepipe.store"):
+        summary = pack(cfg)
+    assert not damaged.exists() and list((copy / "quarantine").rglob("part-00001.parquet.*"))
+    assert "quarantined" in caplog.text and "part-00001.parquet" in caplog.text
+    rejects = rejects_of(store, "default")
+    assert set(rejects) == in_partition
+    for reason in rejects.values():
+        assert reason_code(reason) == "stage_unreadable" and "acepipe run" in reason
+        assert f"stages/caption/{keys['caption']}/part-00001.parquet" in reason
+    assert summary["packed"] == len(work.manifest) - len(in_partition)
+    assert summary["reasons"] == {"stage_unreadable": len(in_partition)}
+    assert {r["track_id"] for r in manifest_of(store, "default")} == {r["track_id"] for r in work.manifest} - in_partition
+    assert_consistent(store, "default")
+
+
 def _expected(rows, predicate):
     return sorted(r["track_id"] for r in rows if predicate(r))
 
