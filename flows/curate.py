@@ -118,10 +118,14 @@ def curate(params: RunParams = RunParams()) -> dict:
     ingested = ingest_task(cfg)
     results = curate_stages.with_options(task_runner=task_runner_for(cfg.runner))(
         cfg, ingested.partitions)
-    ingest_row = {"stage": "ingest", "partition": -1, "skipped": ingested.new_tracks == 0,
-                  "ok": ingested.new_tracks - sum(ingested.rejected.values()),
-                  "rejected": sum(ingested.rejected.values()), "error": 0,
-                  "reasons": ingested.rejected, "seconds": ingested.seconds}
+    # This run's ingest work: new tracks (ok or rejected) and known tracks whose source went or
+    # changed (marked: rejected now) or came back (restored: ok again).
+    marked = sum(ingested.marked.values())
+    ingest_row = {"stage": "ingest", "partition": -1,
+                  "skipped": ingested.new_tracks == marked == ingested.restored == 0,
+                  "ok": ingested.new_tracks - sum(ingested.rejected.values()) + ingested.restored,
+                  "rejected": sum(ingested.rejected.values()) + marked, "error": 0,
+                  "reasons": {**ingested.rejected, **ingested.marked}, "seconds": ingested.seconds}
     catalog, rejects_path = summary_task(cfg, ingested.partitions)
     table = stage_table([ingest_row] + results, catalog.totals)
     order = dag_order(cfg.stages)

@@ -24,6 +24,10 @@ REASONS = {
     "non_finite": "NaN or Inf samples",
     "unsupported_channels": "channel count not in audio.allowed_channels",
     "duplicate": "same bytes as another track (kept under the first track_id)",
+    "source_missing": "none of the track's URIs holds its bytes any more (deleted or unreadable "
+                      "since ingest); ingest sets the track ok again when the file is back",
+    "source_changed": "a URI of the track now holds other audio (replaced under the same name); "
+                      "the new audio is a new track, and this one stays out unless its bytes return",
     "upstream": "an upstream stage rejected the track",
     "exception": "the stage raised on this track; detail holds the error",
 }

@@ -216,12 +216,14 @@ def source_problem(track: dict) -> str | None:
     try:
         digest = content_hash(track["uri_raw"])
     except FileNotFoundError:
-        return f"source_missing: {track['uri']} no longer exists; restore it or re-run curate"
+        return (f"source_missing: {track['uri']} no longer exists (deleted since the last curate run); "
+                "restore it, or run `acepipe run`: curate marks the track source_missing in the catalog")
     except OSError as exc:
         return f"source_missing: {track['uri']} cannot be read ({exc})"
     if digest != track["track_id"]:
-        return (f"source_changed: the bytes at {track['uri']} are no longer the ones ingested as this "
-                "track (modified or replaced after ingest); re-run curate to ingest the new file")
+        return (f"source_changed: {track['uri']} now holds other audio than this track (replaced since "
+                "the last curate run); run `acepipe run`: curate catalogues the new audio as a new track "
+                "and marks this one source_changed")
     return None
 
 

@@ -1,5 +1,6 @@
 """Ingest: discovery, content-hash dedup, probing, append-only partitions, the rehash memo."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,126 @@ def test_a_file_that_cannot_be_read_is_one_reject_across_reruns(source, make_cfg
     assert again.new_tracks == 0 and again.known == again.found
     denied = [r for r in store.read_catalog().to_pylist() if r["uri"].endswith("song3.wav")]
     assert len(denied) == 1 and denied[0]["reason"].startswith("unreadable: cannot read the file")
+
+
+# -- sources deleted, replaced, restored after ingest --------------------------------------------
+@pytest.fixture
+def corpus(synth_corpus, tmp_path):
+    """The synthetic corpus's audio in this test's own folder, to delete and replace files in."""
+    import shutil
+
+    return Path(shutil.copytree(synth_corpus / "audio", tmp_path / "corpus"))
+
+
+def catalog_files(store):
+    """name -> (bytes, mtime_ns) of every file under catalog/: what a rerun must leave alone."""
+    root = Path(store.path("catalog"))
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.iterdir())}
+
+
+def by_id(store):
+    return {r["track_id"]: r for r in store.read_catalog().to_pylist()}
+
+
+def plain_ok_tracks(catalog, *suffixes):
+    return [r for r in catalog.values() if r["status"] == "ok" and not r["aliases"]
+            and r["uri"].isascii() and r["uri"].endswith(suffixes)]
+
+
+def test_a_deleted_and_a_replaced_source_are_marked_then_a_restored_one_is_ok(corpus, make_cfg,
+                                                                             monkeypatch):
+    from tasks.summary import summarize_catalog
+
+    cfg = make_cfg("ingest.partition_size=4")
+    store = StageStore(cfg.work_root)
+    ingest(cfg, store, [str(corpus)])
+    before = by_id(store)
+    files_before = catalog_files(store)
+    gone, replaced = plain_ok_tracks(before, ".wav", ".flac")[:2]
+    gone_bytes = Path(gone["uri"]).read_bytes()
+    Path(gone["uri"]).unlink()
+    write_tone(replaced["uri"], seconds=2.0, freq=777)   # other audio under the same name
+
+    hashed = []
+    real_hash = ingest_mod.content_hash
+    monkeypatch.setattr(ingest_mod, "content_hash", lambda p, c=4: hashed.append(p) or real_hash(p, c))
+    result = ingest(cfg, store, [str(corpus)])
+    assert hashed == [os.fsencode(replaced["uri"])]   # unchanged files are known by size and mtime
+    after = by_id(store)
+    new = [r for tid, r in after.items() if tid not in before]
+    assert result.new_tracks == 1 and len(new) == 1
+    assert new[0]["uri"] == replaced["uri"] and new[0]["status"] == "ok"
+    assert result.marked == {"source_missing": 1, "source_changed": 1} and result.rejected == {}
+    assert after[gone["track_id"]]["status"] == "rejected"
+    assert after[gone["track_id"]]["reason"] == f"source_missing: {gone['uri']} no longer exists"
+    assert after[replaced["track_id"]]["status"] == "rejected"
+    assert after[replaced["track_id"]]["reason"] == (
+        f"source_changed: {replaced['uri']} now holds other audio (new track {new[0]['track_id']})")
+    for tid, row in before.items():
+        if tid not in (gone["track_id"], replaced["track_id"]):
+            assert after[tid] == row
+    touched = {f"part-{r['partition']:05d}.parquet" for r in (gone, replaced)}
+    files_after = catalog_files(store)
+    assert {n for n in files_before if files_after[n] != files_before[n]} == touched | {"seen.parquet"}
+
+    # The summary reads the catalog first: both count as rejected at ingest, with their codes.
+    summary = summarize_catalog(store, [], {}, store.catalog_partitions())
+    assert summary.by_reason["ingest/source_missing"] == 1
+    assert summary.by_reason["ingest/source_changed"] == 1
+
+    Path(gone["uri"]).write_bytes(gone_bytes)
+    back = ingest(cfg, store, [str(corpus)])
+    again = by_id(store)
+    assert back.restored == 1 and back.marked == {} and back.new_tracks == 0
+    assert again[gone["track_id"]] == before[gone["track_id"]]
+    assert again[replaced["track_id"]] == after[replaced["track_id"]]
+
+
+def test_a_duplicate_stays_ok_while_one_alias_holds_its_bytes(corpus, make_cfg):
+    cfg = make_cfg()
+    store = StageStore(cfg.work_root)
+    ingest(cfg, store, [str(corpus)])
+    dup = next(r for r in by_id(store).values() if r["aliases"])
+    first, alias = dup["uri"], dup["aliases"][0]
+
+    Path(first).unlink()
+    result = ingest(cfg, store, [str(corpus)])
+    row = by_id(store)[dup["track_id"]]
+    assert result.marked == {} and row["status"] == "ok"
+    # the stages and pack open `uri_raw`: it now names the file that still holds the bytes
+    assert row["uri"] == alias and row["uri_raw"] == os.fsencode(alias) and row["aliases"] == [first]
+
+    Path(alias).unlink()
+    ingest(cfg, store, [str(corpus)])
+    row = by_id(store)[dup["track_id"]]
+    assert row["status"] == "rejected"
+    assert row["reason"] == f"source_missing: {alias} no longer exists (nor do its 1 aliases)"
+
+
+def test_a_run_over_a_subset_of_the_sources_marks_nothing_missing(corpus, make_cfg):
+    cfg = make_cfg()
+    store = StageStore(cfg.work_root)
+    ingest(cfg, store, [str(corpus)])
+    before = by_id(store)
+    gone = plain_ok_tracks(before, ".wav", ".flac")[0]
+    Path(gone["uri"]).unlink()
+
+    subset = ingest(cfg, store, [str(corpus / "bad")])   # the deleted file lies outside it
+    assert subset.marked == {} and by_id(store) == before
+    listed = corpus.parent / "list.txt"
+    listed.write_text(str(corpus / "bad" / "silent.wav") + "\n")
+    assert ingest(cfg, store, [str(listed)]).marked == {} and by_id(store) == before
+
+    whole = ingest(cfg, store, [str(corpus)])
+    assert whole.marked == {"source_missing": 1}
+    assert by_id(store)[gone["track_id"]]["status"] == "rejected"
+
+
+def test_a_rerun_with_no_change_rewrites_no_catalog_file(corpus, make_cfg):
+    cfg = make_cfg("ingest.partition_size=4")
+    store = StageStore(cfg.work_root)
+    ingest(cfg, store, [str(corpus)])
+    files = catalog_files(store)
+    result = ingest(cfg, store, [str(corpus)])
+    assert result.new_tracks == 0 and result.marked == {} and result.restored == 0
+    assert catalog_files(store) == files
