@@ -317,21 +317,24 @@ def _source_update(row: dict, uris: list[str], listing: Listing, located: dict[s
     """The catalog fields to change for one track, or None. A track is there while any of its
     URIs holds its bytes (or the bytes turn up under a new name: moved); a dead alias stays
     listed in `aliases`, and when the primary `uri` is the dead one, a live one takes its place
-    so the stages and pack open a file that exists."""
+    so the stages and pack open a file that exists. Bytes found are proof whatever the scope;
+    bytes not found prove nothing while a URI lies under a source this run does not list."""
     tid, status = row["track_id"], row["status"]
     if status != STATUS_OK and reason_code(row["reason"]) not in SOURCE_CODES:
         return None          # rejected when probed: that reject stands whatever the file does
-    if not all(in_scope(u) for u in uris):
-        return None          # (also) under a source this run does not list: nothing to judge
     live = [u for u in uris if listing.get(u, (None, None, None))[1] == tid]
     if not live and tid in located:
         live = [located[tid]]
     if live:
         change = {} if status == STATUS_OK else {"status": STATUS_OK, "reason": None}
-        if row["uri"] not in live:
+        # A primary outside this run's sources may be fine: keep it (alternating subset runs
+        # must not swap it back and forth), unless the track was missing until now.
+        if row["uri"] not in live and (in_scope(row["uri"]) or status != STATUS_OK):
             f = listing[live[0]][0]
             change.update(uri=f.uri, uri_raw=f.uri_raw, aliases=[u for u in uris if u != f.uri])
         return change or None
+    if not all(in_scope(u) for u in uris):
+        return None          # (also) under a source this run does not list: nothing to judge
     replaced = [u for u in uris if listing.get(u, (None, None, None))[1] is not None]
     unread = [u for u in uris if u in listing and listing[u][0].size >= 0]   # -1: a listed path not there
     if replaced:
@@ -341,7 +344,7 @@ def _source_update(row: dict, uris: list[str], listing: Listing, located: dict[s
         detail = listing[unread[0]][2].rsplit("(", 1)[-1].rstrip(")")
         reason = f"source_missing: {unread[0]} cannot be read ({detail})"
     else:
-        others = f" (nor do its {len(uris) - 1} aliases)" if len(uris) > 1 else ""
+        others = {1: "", 2: " (nor does its alias)"}.get(len(uris), f" (nor do its {len(uris) - 1} aliases)")
         reason = f"source_missing: {row['uri']} no longer exists{others}"
     if status == STATUS_REJECTED and row["reason"] == reason:
         return None

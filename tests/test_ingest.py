@@ -189,6 +189,10 @@ def test_a_deleted_and_a_replaced_source_are_marked_then_a_restored_one_is_ok(co
     assert summary.by_reason["ingest/source_missing"] == 1
     assert summary.by_reason["ingest/source_changed"] == 1
 
+    # Marked once: a rerun with nothing new changes and rewrites nothing.
+    files_marked = catalog_files(store)
+    assert ingest(cfg, store, [str(corpus)]).marked == {} and catalog_files(store) == files_marked
+
     Path(gone["uri"]).write_bytes(gone_bytes)
     back = ingest(cfg, store, [str(corpus)])
     again = by_id(store)
@@ -211,11 +215,22 @@ def test_a_duplicate_stays_ok_while_one_alias_holds_its_bytes(corpus, make_cfg):
     # the stages and pack open `uri_raw`: it now names the file that still holds the bytes
     assert row["uri"] == alias and row["uri_raw"] == os.fsencode(alias) and row["aliases"] == [first]
 
+    alias_bytes = Path(alias).read_bytes()
     Path(alias).unlink()
     ingest(cfg, store, [str(corpus)])
     row = by_id(store)[dup["track_id"]]
     assert row["status"] == "rejected"
-    assert row["reason"] == f"source_missing: {alias} no longer exists (nor do its 1 aliases)"
+    assert row["reason"] == f"source_missing: {alias} no longer exists (nor does its alias)"
+
+    # Bytes found are proof even in a run over a subset: a list naming only the copy put
+    # back at the first name makes the track ok again, opened from there.
+    Path(first).write_bytes(alias_bytes)
+    listed = corpus.parent / "list.txt"
+    listed.write_text(first + "\n")
+    assert ingest(cfg, store, [str(listed)]).restored == 1
+    row = by_id(store)[dup["track_id"]]
+    assert row["status"] == "ok" and row["reason"] is None
+    assert row["uri"] == first and row["aliases"] == [alias]
 
 
 def test_a_run_over_a_subset_of_the_sources_marks_nothing_missing(corpus, make_cfg):
@@ -245,3 +260,29 @@ def test_a_rerun_with_no_change_rewrites_no_catalog_file(corpus, make_cfg):
     result = ingest(cfg, store, [str(corpus)])
     assert result.new_tracks == 0 and result.marked == {} and result.restored == 0
     assert catalog_files(store) == files
+
+
+def test_pack_leaves_out_the_tracks_ingest_marked(synth_corpus, tiny_models_dir, tmp_path):
+    """Once curate has marked them, pack finds the old tracks not ok in the catalog and leaves
+    them out (not a pack reject); the replacing audio is a candidate like any other."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pack_fixtures import build_work, write_stages
+
+    from tasks.pack import candidates
+
+    cfg = build_work(tmp_path, synth_corpus, tiny_models_dir)
+    store = StageStore(cfg.work_root)
+    kept, _, upstream = candidates(store, cfg)
+    gone, replaced = [t for _, t in kept if not t["aliases"] and t["uri"].endswith((".wav", ".flac"))][:2]
+    Path(gone["uri"]).unlink()
+    write_tone(replaced["uri"], seconds=2.0, freq=777)
+
+    result = ingest(cfg, store, [str(tmp_path / "audio")])
+    write_stages(cfg, store, result.new_partitions)   # what curate computes for the new track
+    now, rejects, upstream_now = candidates(store, cfg)
+    ids = {r["track_id"] for r, _ in now}
+    assert gone["track_id"] not in ids and replaced["track_id"] not in ids and rejects == []
+    assert upstream_now["not_ok_upstream"] == upstream["not_ok_upstream"] + 2
+    assert any(t["uri"] == replaced["uri"] for _, t in now) and len(now) == len(kept) - 1
