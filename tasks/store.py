@@ -195,20 +195,25 @@ class StageStore:
                 os.remove(path)
 
     @staticmethod
-    def _owner(path: str) -> str:
+    def _read_owner(path: str) -> dict | None:
+        """The lock file's {pid, host, since}; None while it is being written (or just went)."""
         try:
             with open(path) as fh:
-                owner = json.load(fh)
+                return json.load(fh)
         except (OSError, ValueError):
+            return None
+
+    @classmethod
+    def _owner(cls, path: str) -> str:
+        owner = cls._read_owner(path)
+        if owner is None:
             return "a run starting right now"
         return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since', '?')}"
 
-    @staticmethod
-    def _stale(path: str) -> bool:
-        try:
-            with open(path) as fh:
-                owner = json.load(fh)
-        except (OSError, ValueError):
+    @classmethod
+    def _stale(cls, path: str) -> bool:
+        owner = cls._read_owner(path)
+        if owner is None:
             return False  # being written right now
         if owner.get("host") != socket.gethostname():
             return False
