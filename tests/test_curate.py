@@ -26,9 +26,20 @@ def base_overrides(tiny_models_dir, synth_corpus):
     return [f"models.tiny_dir={tiny_models_dir}", f"lyrics_db={synth_corpus / 'lyrics.parquet'}"]
 
 
-def test_every_file_is_accounted_for(prefect_harness, synth_corpus, tmp_path, base_overrides):
+@pytest.fixture(scope="module")
+def clean_run(prefect_harness, synth_corpus, tiny_models_dir, tmp_path_factory):
+    """One fault-free run that the fault-injection tests compare with: its summary, its work
+    root (copy it before changing anything) and the rows of every stage output."""
+    work = tmp_path_factory.mktemp("clean") / "work"
+    summary = run_curate([f"models.tiny_dir={tiny_models_dir}", f"lyrics_db={synth_corpus / 'lyrics.parquet'}"],
+                         work, [str(synth_corpus / "audio")])
+    assert summary["failed_tasks"] == [] and summary["pending"] == 0, summary["stages"]
+    return summary, work, stage_tables(work)
+
+
+def test_every_file_is_accounted_for(clean_run, synth_corpus, base_overrides):
     truth = json.loads((synth_corpus / "ground_truth.json").read_text())
-    summary = run_curate(base_overrides, tmp_path / "work", [str(synth_corpus / "audio")])
+    summary, work, _ = clean_run
     assert summary["tracks"] == summary["ok"] + summary["rejected"] + summary["error"]
     assert summary["error"] == 0, summary["stages"]
     n_duplicates = sum(1 for s in truth["songs"] if s["kind"] == "duplicate")
@@ -41,7 +52,7 @@ def test_every_file_is_accounted_for(prefect_harness, synth_corpus, tmp_path, ba
 
     from schemas.config import load_config
 
-    cfg = load_config("tiny", [f"work_root={tmp_path / 'work'}", *base_overrides], environ={})
+    cfg = load_config("tiny", [f"work_root={work}", *base_overrides], environ={})
     assert "lyrics" in cfg.stages
     store = StageStore(cfg.work_root)
     order = dag_order(cfg.stages)
@@ -58,11 +69,12 @@ def test_every_file_is_accounted_for(prefect_harness, synth_corpus, tmp_path, ba
         assert reason_code(outcome["reason"]) == song["expect"], (song["file"], outcome["reason"])
 
 
-def test_second_run_does_no_stage_work(prefect_harness, synth_corpus, tmp_path, base_overrides):
+def test_second_run_does_no_stage_work(clean_run, synth_corpus, tmp_path, base_overrides):
     from prefect.artifacts import Artifact
 
+    first, clean_work, _ = clean_run
     work = tmp_path / "work"
-    first = run_curate(base_overrides, work, [str(synth_corpus / "audio")])
+    shutil.copytree(clean_work, work)
     assert sum(s["partitions_run"] for s in first["stages"] if s["stage"] != "ingest") > 0
     first_ingest = next(s for s in first["stages"] if s["stage"] == "ingest")
     assert first_ingest["seconds"] > 0 and first_ingest["rejected"] > 0
@@ -113,12 +125,13 @@ def test_new_files_run_only_new_partitions(prefect_harness, synth_corpus, tmp_pa
             assert s["partitions_run"] <= 1 and s["partitions_skipped"] == first["partitions"], s
 
 
-def test_version_bump_reruns_only_that_stage(prefect_harness, synth_corpus, tmp_path,
+def test_version_bump_reruns_only_that_stage(clean_run, synth_corpus, tmp_path,
                                             base_overrides, monkeypatch):
     from tasks.probe import ProbeStage
 
+    first, clean_work, _ = clean_run
     work = tmp_path / "work"
-    first = run_curate(base_overrides, work, [str(synth_corpus / "audio")])
+    shutil.copytree(clean_work, work)
     monkeypatch.setattr(ProbeStage, "version", ProbeStage.version + "-bumped")
     second = run_curate(base_overrides, work, [str(synth_corpus / "audio")])
     rows = {s["stage"]: s for s in second["stages"]}
@@ -127,17 +140,6 @@ def test_version_bump_reruns_only_that_stage(prefect_harness, synth_corpus, tmp_
     for name, s in rows.items():
         if name not in ("ingest", "probe"):
             assert s["partitions_run"] == first["partitions"], s
-
-
-@pytest.fixture(scope="module")
-def clean_run(prefect_harness, synth_corpus, tiny_models_dir, tmp_path_factory):
-    """One fault-free run that the fault-injection tests compare with: its summary, its work
-    root (copy it before changing anything) and the rows of every stage output."""
-    work = tmp_path_factory.mktemp("clean") / "work"
-    summary = run_curate([f"models.tiny_dir={tiny_models_dir}", f"lyrics_db={synth_corpus / 'lyrics.parquet'}"],
-                         work, [str(synth_corpus / "audio")])
-    assert summary["failed_tasks"] == [] and summary["pending"] == 0, summary["stages"]
-    return summary, work, stage_tables(work)
 
 
 def stage_tables(work: Path) -> dict[str, list[dict]]:
@@ -259,13 +261,13 @@ def test_a_full_disk_fails_the_run_and_names_the_tasks(clean_run, synth_corpus, 
 
 
 @pytest.mark.slow
-def test_dask_runner_gives_the_same_outputs(prefect_harness, synth_corpus, tmp_path, base_overrides):
-    a = run_curate(base_overrides, tmp_path / "threads", [str(synth_corpus / "audio")])
+def test_dask_runner_gives_the_same_outputs(clean_run, synth_corpus, tmp_path, base_overrides):
+    a, threads, _ = clean_run      # the default threads runner
     b = run_curate(base_overrides + ["runner.kind=dask", "runner.max_workers=2"], tmp_path / "dask",
                    [str(synth_corpus / "audio")])
     assert (a["ok"], a["rejected"], a["error"], a["by_reason"]) == (b["ok"], b["rejected"], b["error"], b["by_reason"])
-    for path in sorted((tmp_path / "threads" / "stages").rglob("part-*.parquet")):
-        twin = tmp_path / "dask" / path.relative_to(tmp_path / "threads")
+    for path in sorted((threads / "stages").rglob("part-*.parquet")):
+        twin = tmp_path / "dask" / path.relative_to(threads)
         # Same rows and fields; model floats may differ in the last bits between processes.
         assert_close(pq.read_table(path).to_pylist(), pq.read_table(twin).to_pylist(), str(path))
 

@@ -4,7 +4,8 @@
 A documented command that stops working fails here. `make demo` runs with this checkout's
 set-up already done (VENV names the test's venv and its install marker counts as fresh), so
 the test does not reinstall the project; `make test` cannot run inside itself, so the test
-checks what it runs and that `.ci/run` calls it. Marked slow: `make test` runs it (CI does),
+checks what it runs and that `.ci/run` calls it. `make demo` and the later `acepipe pipeline`
+(a rerun that finds everything done) are also the test of the pipeline flow. Marked slow: `make test` runs it (CI does),
 `make test-fast` skips it.
 """
 from __future__ import annotations
@@ -73,8 +74,10 @@ def test_the_two_commands_and_every_everyday_command(newcomer):
     kept = int(re.search(r"^kept\s+(\d+)", demo.stdout, re.M).group(1))
     manifest = pq.read_table(cwd / "work/tiny/manifest/default.parquet")
     assert kept > 0 and manifest.num_rows == kept
+    latent_ids = pq.read_table(cwd / "work/tiny/latents/default/index.parquet").column("track_id").to_pylist()
+    assert sorted(latent_ids) == sorted(manifest.column("track_id").to_pylist())
     final = json.loads((cwd / "work/tiny/runs/ace-dit-tiny/final.json").read_text())
-    assert final["step"] == 100
+    assert final["step"] == 100 and Path(final["checkpoint"]).is_file()
 
     # make test: what it runs (CI's .ci/run calls it, on an empty Prefect home).
     dry = run(["make", "-n", "-f", str(REPO / "Makefile"), f"VENV={VENV}", "-o", installed, "test"], cwd, env)
@@ -104,3 +107,4 @@ def test_the_two_commands_and_every_everyday_command(newcomer):
     assert "done at step 20" in outputs["acepipe train"]
     rerun = outputs["acepipe pipeline"]     # everything was done before: no stage work, trained already
     assert re.search(r"^probe\s+0\s+\d+", rerun, re.M) and "train       step 100," in rerun
+    assert "nothing left to train" in rerun
