@@ -27,7 +27,7 @@ import pyarrow as pa
 from schemas.common import CATALOG_SCHEMA, SEEN_SCHEMA, STATUS_OK, STATUS_REJECTED, reason_code
 from schemas.config import Config
 from tasks import audio
-from tasks.store import StageStore
+from tasks.store import StageStore, stream_digest
 
 
 class SourceError(ValueError):
@@ -126,13 +126,10 @@ def _listed(list_file: bytes) -> list[bytes]:
 
 def content_hash(uri_raw: bytes, chunk_mb: int = 4) -> str:
     """blake2b-128 of the bytes, streamed: a 32-char hex id with no dots."""
-    digest = hashlib.blake2b(digest_size=16)
     text = audio.display_path(uri_raw)
     opener = fsspec.open(text, "rb") if "://" in text else open(uri_raw, "rb")
     with opener as fh:
-        while chunk := fh.read(chunk_mb * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return stream_digest(fh, chunk_mb)[1]
 
 
 def _probe_row(f: Found, track_id: str, cfg: Config) -> dict:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
-from tasks.store import StageStore
+from tasks.store import StageStore, stream_digest
 
 SHARD_NAME = "shard-{:06d}.tar"
 TMP_PREFIX = ".tmp-"
@@ -49,12 +49,8 @@ class DigestingWriter:
 
 def file_digest(store: StageStore, path: str, chunk_mb: int = 4) -> tuple[int, str]:
     """(size, blake2b) of a file on disk: what DigestingWriter recorded when it was written."""
-    digest, size = hashlib.blake2b(digest_size=16), 0
     with store.fs.open(path, "rb") as fh:
-        while chunk := fh.read(chunk_mb * 2**20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
+        return stream_digest(fh, chunk_mb)
 
 
 def tar_header(name: str, size: int) -> bytes:

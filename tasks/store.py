@@ -16,6 +16,7 @@ does not read is moved to quarantine/ and treated as missing, so the work that m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -34,6 +35,16 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger("acepipe.store")
 PART_RE = re.compile(r"part-(\d{5,})\.parquet$")
+
+
+def stream_digest(fh, chunk_mb: int = 4) -> tuple[int, str]:
+    """(bytes read, blake2b-128 hex) of an open binary file, streamed: the one content hash of
+    the project (track ids, shard and latent-shard checksums)."""
+    digest, size = hashlib.blake2b(digest_size=16), 0
+    while chunk := fh.read(chunk_mb * 2**20):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
 
 
 class StoreError(RuntimeError):
