@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.models import ModelLoadError
+from tasks.models import ModelLoadError, load_cause as _cause
 
 # Where the reference downloads released checkpoints from (as beat_this.inference does).
 CHECKPOINT_URL = "https://cloud.cp.jku.at/public.php/dav/files/7ik4RrBKTS273gp"
@@ -27,10 +27,6 @@ WITHOUT_WEIGHTS = "--set rhythm.beat_tracker=essentia (no weights needed)"
 def _released_path(name: str) -> Path:
     """Where torch.hub keeps a released checkpoint once downloaded (the reference's file name)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / f"beat_this-{name}.ckpt"
-
-
-def _cause(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
 
 
 def _torch_load(path: Path, ref: str) -> dict:

@@ -8,6 +8,7 @@ atomic (temporary directory, then rename) so parallel workers never see half a t
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import shutil
 import threading
@@ -34,6 +35,28 @@ class ModelLoadError(RuntimeError):
     """A stage's model could not be loaded: no such file, a failed download, not a checkpoint.
     One line naming the config field, the reference, the cause and what to do. It fails the
     same way every time, so the flows do not retry it and the CLI prints it without a traceback."""
+
+
+def load_cause(exc: BaseException, limit: int = 200) -> str:
+    """`Type: message` on one line, cut to `limit` characters: the cause in a one-line error."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:limit]
+
+
+@contextlib.contextmanager
+def loading(field: str, ref: str, hint: str):
+    """Load a model inside this block: any failure becomes one ModelLoadError line naming the
+    config field, the checkpoint reference, the cause and what to do (`hint`).
+
+        with loading("latents.mert.checkpoint", cfg.checkpoint, "point it at a local copy"):
+            model = AutoModel.from_pretrained(ref)
+
+    A ModelLoadError raised inside (already one line) passes through unchanged."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every load failure gets the same one-line form
+        raise ModelLoadError(f"{field}={ref!r} could not be loaded ({load_cause(exc)}); {hint}") from exc
 
 
 def resolve_device(spec: str = "auto"):
