@@ -43,9 +43,21 @@ def test_malformed_yaml(tmp_path):
         load_config(bad, environ={})
 
 
-def test_lyrics_stage_without_a_database_is_refused_up_front():
-    with pytest.raises(ConfigError, match="lyrics_db"):
-        load_config("tiny", ["lyrics_db=null"], environ={})
+def test_without_a_lyrics_database_the_lyrics_stage_is_skipped_and_says_so(caplog):
+    with caplog.at_level("WARNING", logger="acepipe.config"):
+        cfg = load_config("tiny", ["lyrics_db=null"], environ={})
+    assert cfg.stages == ["probe", "aesthetics", "transcribe", "rhythm", "caption"]
+    assert "lyrics stage is skipped: lyrics_db is not set" in caplog.text
+    with_db = load_config("tiny", environ={})
+    assert "lyrics" in with_db.stages
+
+
+def test_the_default_profile_runs_every_stage():
+    from tasks.stage import dag_order
+
+    cfg = load_config("default", ["lyrics_db=lyrics.parquet"], environ={})
+    assert dag_order(cfg.stages) == dag_order(["probe", "aesthetics", "transcribe", "lyrics", "rhythm", "caption"])
+    assert cfg.latents.compute_dtype == "float32"
 
 
 def test_config_command_prints_the_effective_config_and_explains_keys(capsys):
