@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 from prefect.futures import as_completed
@@ -111,6 +111,8 @@ def curate_stages(cfg: Config, partitions: list[int]) -> list[dict]:
 def curate(params: RunParams = RunParams()) -> dict:
     started = time.perf_counter()
     cfg = params.load()
+    for name, why in cfg.skipped_stages.items():
+        get_run_logger().warning(f"the {name} stage is skipped: {why}")
     store = StageStore(cfg.work_root)
     store.check_writable()
     check_sources(cfg.sources)

@@ -7,13 +7,12 @@ by `load_config` only: stages never read the environment.
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from schemas.stages import (
     AestheticsConfig,
@@ -25,7 +24,6 @@ from schemas.stages import (
     TranscribeConfig,
 )
 
-log = logging.getLogger("acepipe.config")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -86,16 +84,23 @@ class Config(Strict):
     pack: PackConfig = PackConfig()
     latents: LatentsConfig = LatentsConfig()
 
+    _skipped: dict[str, str] = PrivateAttr(default_factory=dict)
+
     @model_validator(mode="after")
     def _lyrics_runs_when_there_is_a_database(self):
         # The profiles list every stage; the lyrics stage needs a database an operator brings,
-        # so without one the run goes on without it (and says so) rather than refusing to start.
+        # so without one the run goes on without it (the curate flow says so) rather than refusing.
         if "lyrics" in self.stages and not self.lyrics_db:
             self.stages = [s for s in self.stages if s != "lyrics"]
-            log.warning("the lyrics stage is skipped: lyrics_db is not set. Set lyrics_db to a Parquet/JSONL "
-                        "lyrics database (`--set lyrics_db=PATH`, see `acepipe lyrics index`) to align "
-                        "transcripts to canonical lyrics")
+            self._skipped["lyrics"] = (
+                "lyrics_db is not set. Set lyrics_db to a Parquet/JSONL lyrics database (`--set "
+                "lyrics_db=PATH`, see `acepipe lyrics index`) to align transcripts to canonical lyrics")
         return self
+
+    @property
+    def skipped_stages(self) -> dict[str, str]:
+        """Stages the profile lists that this config cannot run, and why (the curate flow logs them)."""
+        return dict(self._skipped)
 
 
 class ConfigError(ValueError):

@@ -43,13 +43,13 @@ def test_malformed_yaml(tmp_path):
         load_config(bad, environ={})
 
 
-def test_without_a_lyrics_database_the_lyrics_stage_is_skipped_and_says_so(caplog):
-    with caplog.at_level("WARNING", logger="acepipe.config"):
-        cfg = load_config("tiny", ["lyrics_db=null"], environ={})
+def test_without_a_lyrics_database_the_lyrics_stage_is_skipped_and_says_why():
+    cfg = load_config("tiny", ["lyrics_db=null"], environ={})
     assert cfg.stages == ["probe", "aesthetics", "transcribe", "rhythm", "caption"]
-    assert "lyrics stage is skipped: lyrics_db is not set" in caplog.text
+    assert list(cfg.skipped_stages) == ["lyrics"]
+    assert cfg.skipped_stages["lyrics"].startswith("lyrics_db is not set. Set lyrics_db")
     with_db = load_config("tiny", environ={})
-    assert "lyrics" in with_db.stages
+    assert "lyrics" in with_db.stages and with_db.skipped_stages == {}
 
 
 def test_the_default_profile_runs_every_stage():
