@@ -13,7 +13,10 @@ Reason codes added here:
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import re
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -25,67 +28,103 @@ import torch
 from schemas.aesthetics import AESTHETICS_SCHEMA, AXES
 from schemas.common import STATUS_ERROR, STATUS_OK, STATUS_REJECTED
 from tasks import audio
-from tasks.models import resolve_checkpoint, resolve_device
+from tasks.models import ModelLoadError, loading, resolve_checkpoint, resolve_device
 from tasks.stage import Stage
 
 SAMPLE_RATE = 16000
 CHECKPOINT_NAME = "checkpoint.pt"
+PRETRAINED_CONFIG = "config.json"   # with model.safetensors: what save_pretrained writes
 # model_cfg keys the reference loader passes to AesMultiOutput.
 MODEL_CFG_KEYS = ("proj_num_layer", "proj_ln", "proj_act_fn", "proj_dropout", "nth_layer",
                   "use_weighted_layer_sum", "precision", "normalize_embed", "output_dim")
 
 # AesMultiOutput builds its WavLM from the module constant DEFAULT_AUDIO_CFG. A checkpoint
-# may carry its own WavLM config under model_cfg["wavlm_cfg"] (our tiny twin does; the
-# released one does not); construction swaps the constant under this lock.
+# may carry its own WavLM config (our tiny twin does, under model_cfg["wavlm_cfg"] in
+# checkpoint.pt or "wavlm_cfg" in a save_pretrained config.json; the released one does not);
+# construction swaps the constant under this lock.
 _CONSTRUCT_LOCK = threading.Lock()
+LOAD_HINT = ("point it at checkpoint.pt (https://dl.fbaipublicfiles.com/audiobox-aesthetics/checkpoint.pt), "
+             "a directory holding it, a save_pretrained directory (config.json + model.safetensors), "
+             "or the hub id facebook/audiobox-aesthetics")
 
 
-def _construct(model_cfg: dict, target_transform: dict):
+@contextlib.contextmanager
+def _wavlm_config(wavlm_cfg: dict | None):
+    """While open, AesMultiOutput builds its WavLM from `wavlm_cfg` (the default when None)."""
     from audiobox_aesthetics.model import aes
     from audiobox_aesthetics.model.wavlm import WavLMConfig
 
-    kwargs = {k: model_cfg[k] for k in MODEL_CFG_KEYS if k in model_cfg}
     with _CONSTRUCT_LOCK, warnings.catch_warnings():
         # the package's WavLM still uses torch.nn.utils.weight_norm; nothing for us to act on
         warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated", category=FutureWarning)
         default = aes.DEFAULT_AUDIO_CFG
-        if model_cfg.get("wavlm_cfg"):
-            aes.DEFAULT_AUDIO_CFG = WavLMConfig(dict(model_cfg["wavlm_cfg"]))
+        if wavlm_cfg:
+            aes.DEFAULT_AUDIO_CFG = WavLMConfig(dict(wavlm_cfg))
         try:
-            return aes.AesMultiOutput(**kwargs, target_transform=target_transform)
+            yield
         finally:
             aes.DEFAULT_AUDIO_CFG = default
 
 
+def _keep_wavlm_cfg(model, wavlm_cfg: dict | None):
+    """Record a custom WavLM config in the config that `model.save_pretrained` writes (the
+    hub mixin keeps the constructor arguments, which do not include it), so it round-trips."""
+    if wavlm_cfg:
+        model._hub_mixin_config = {**(model._hub_mixin_config or {}), "wavlm_cfg": dict(wavlm_cfg)}
+    return model
+
+
+def _construct(model_cfg: dict, target_transform: dict):
+    from audiobox_aesthetics.model.aes import AesMultiOutput
+
+    kwargs = {k: model_cfg[k] for k in MODEL_CFG_KEYS if k in model_cfg}
+    with _wavlm_config(model_cfg.get("wavlm_cfg")):
+        model = AesMultiOutput(**kwargs, target_transform=target_transform)
+    return _keep_wavlm_cfg(model, model_cfg.get("wavlm_cfg"))
+
+
+def _from_checkpoint(path: Path):
+    """The released format: {"state_dict": {"model.<param>": ...}, "model_cfg": {...},
+    "target_transform": {axis: {"mean", "std"}}}, loaded as the reference's AesPredictor does."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}
+    model = _construct(ckpt["model_cfg"], ckpt["target_transform"])
+    model.load_state_dict(state)
+    return model
+
+
+def _from_pretrained(ref: str, wavlm_cfg: dict | None = None):
+    """The package's own PyTorchModelHubMixin loading, from a hub id or a local directory."""
+    from audiobox_aesthetics.model.aes import AesMultiOutput
+
+    # strict: the mixin's default (False) would leave missing weights at their random init;
+    # stdout: the mixin prints "Loading weights from local directory" there
+    with _wavlm_config(wavlm_cfg), contextlib.redirect_stdout(sys.stderr):
+        model = AesMultiOutput.from_pretrained(ref, strict=True)
+    return _keep_wavlm_cfg(model, wavlm_cfg)
+
+
 def load_model(ref: str, device: torch.device | str = "cpu"):
-    """An AesMultiOutput in eval mode from a checkpoint.pt (or its directory) or a hub id.
-
-    The checkpoint format is the released one: {"state_dict": {"model.<param>": ...},
-    "model_cfg": {...}, "target_transform": {axis: {"mean", "std"}}}.
-    """
-    path = Path(ref).expanduser()
-    if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
-        path = path / CHECKPOINT_NAME
-    if path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        state = {re.sub(r"^model\.", "", k): v for k, v in ckpt["state_dict"].items()}
-        model = _construct(ckpt["model_cfg"], ckpt["target_transform"])
-        model.load_state_dict(state)
-    elif ref.startswith(("/", ".", "~")) or ref.endswith((".pt", ".pth", ".ckpt")):
-        raise RuntimeError(f"aesthetics.checkpoint={ref!r}: no such file (nor a directory holding "
-                           f"{CHECKPOINT_NAME}); fix the path or use the hub id facebook/audiobox-aesthetics")
-    else:
-        from audiobox_aesthetics.model.aes import AesMultiOutput
-
-        try:  # a hub id, or a local from_pretrained directory (config.json + safetensors)
-            model = AesMultiOutput.from_pretrained(ref)
-        except Exception as exc:  # noqa: BLE001 - re-raised with what to do
-            raise RuntimeError(
-                f"aesthetics.checkpoint={ref!r} is not a local checkpoint.pt and could not be "
-                f"loaded from the hub ({type(exc).__name__}: {str(exc)[:200]}). Download "
-                "https://dl.fbaipublicfiles.com/audiobox-aesthetics/checkpoint.pt and set "
-                "aesthetics.checkpoint to its path.") from exc
-    return model.to(device).eval()
+    """An AesMultiOutput in eval mode from a checkpoint.pt, a directory holding one, a
+    save_pretrained directory (config.json + model.safetensors) or a hub id. Every failure
+    is one ModelLoadError line naming aesthetics.checkpoint and what to do."""
+    with loading("aesthetics.checkpoint", ref, LOAD_HINT):
+        path = Path(ref).expanduser()
+        if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
+            model = _from_checkpoint(path / CHECKPOINT_NAME)
+        elif path.is_dir() and (path / PRETRAINED_CONFIG).is_file():
+            config = json.loads((path / PRETRAINED_CONFIG).read_text())
+            model = _from_pretrained(str(path), config.get("wavlm_cfg"))
+        elif path.is_dir():
+            raise ModelLoadError(f"aesthetics.checkpoint={ref!r}: the directory holds neither {CHECKPOINT_NAME} "
+                                 f"nor {PRETRAINED_CONFIG} + model.safetensors; {LOAD_HINT}")
+        elif path.is_file():
+            model = _from_checkpoint(path)
+        elif ref.startswith(("/", ".", "~")) or ref.endswith((".pt", ".pth", ".ckpt")):
+            raise ModelLoadError(f"aesthetics.checkpoint={ref!r}: no such file or directory; {LOAD_HINT}")
+        else:
+            model = _from_pretrained(ref)
+        return model.to(device).eval()
 
 
 def build_tiny(path: Path) -> None:

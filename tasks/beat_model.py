@@ -4,8 +4,10 @@ The model class (`beat_this.model.beat_tracker.BeatThis`) and its `Postprocessor
 the installed package. `beat_this.inference` is not imported: it pulls in torchaudio through
 `beat_this.preprocessing`, so its checkpoint loading and split/predict/aggregate steps are
 written here to the same definition (chunks of 1500 frames overlapping by 2 x 6 border
-frames, borders discarded, earlier chunks win overlaps). Checkpoints are the released
-Lightning format: {"state_dict": {"model.<param>": ...}, "hyper_parameters": {...}}.
+frames, borders discarded, earlier chunks win overlaps); tests/test_rhythm.py imports the
+package's inference with a stand-in torchaudio and checks logits and beat times against it.
+Checkpoints are the released Lightning format:
+{"state_dict": {"model.<param>": ...}, "hyper_parameters": {...}}.
 """
 from __future__ import annotations
 

@@ -1,23 +1,29 @@
-"""Aesthetics stage: the tiny twin loads from disk through the real loader and scores
-synthetic songs; thresholds, live recordings and bad input become rejects with reasons."""
+"""Aesthetics stage: the tiny twin loads from disk through the real loader (checkpoint.pt and
+save_pretrained layouts) and scores synthetic songs as the package's own AesPredictor does;
+thresholds, live recordings and bad input become rejects with reasons."""
 from __future__ import annotations
 
 import hashlib
 import json
+import importlib
 import math
 import os
 import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
-from schemas.aesthetics import AESTHETICS_SCHEMA
+from schemas.aesthetics import AESTHETICS_SCHEMA, AXES
 from schemas.common import STATUS_OK, STATUS_REJECTED
 from schemas.config import load_config
 from tasks import audio
 from tasks.aesthetics import AestheticsStage, build_tiny, load_model
-from tasks.models import resolve_checkpoint
+from tasks.models import ModelLoadError, resolve_checkpoint
+from tasks.synth import SongSpec, render_song
 
 
 def track_row(path) -> dict:
@@ -151,6 +157,102 @@ def test_very_long_tracks_are_rejected_not_failed(make_stage, songs):
     assert {r["reason"].split(":")[0] for r in rows} == {"too_long"}
 
 
-def test_a_missing_checkpoint_says_what_to_do():
-    with pytest.raises(RuntimeError, match="aesthetics.checkpoint='/no/such/checkpoint.pt': no such file"):
-        load_model("/no/such/checkpoint.pt")
+def test_a_save_pretrained_directory_loads_and_scores_as_the_checkpoint(make_stage, songs, tiny_models_dir,
+                                                                        tmp_path):
+    """The hub layout (config.json + model.safetensors) through the package's from_pretrained;
+    the twin's own WavLM size travels in config.json."""
+    twin = resolve_checkpoint("tiny:aesthetics", tiny_models_dir)
+    load_model(twin).save_pretrained(tmp_path / "hf")
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "hf"))
+    assert "checkpoint.pt" not in os.listdir(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    assert config["wavlm_cfg"]["encoder_embed_dim"] == 32 and set(config["target_transform"]) == set(AXES)
+    want = make_stage().process(songs[:2])
+    got = make_stage(f"aesthetics.checkpoint={tmp_path / 'hf'}").process(songs[:2])
+    for a, b in zip(want, got):
+        assert b["status"] == STATUS_OK
+        assert [b[x] for x in ("ce", "cu", "pc", "pq")] == pytest.approx([a[x] for x in ("ce", "cu", "pc", "pq")],
+                                                                        abs=1e-6)
+
+
+def test_every_load_failure_is_one_line_naming_the_field(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "checkpoint.pt").write_text("<html>a login page saved as a checkpoint</html>")
+    cases = {"/no/such/checkpoint.pt": "no such file or directory",
+             str(tmp_path / "missing-dir"): "no such file or directory",
+             str(empty): "holds neither checkpoint.pt nor config.json",
+             str(corrupt): "could not be loaded (UnpicklingError"}
+    for ref, cause in cases.items():
+        with pytest.raises(ModelLoadError) as err:
+            load_model(ref)
+        message = str(err.value)
+        assert message.startswith(f"aesthetics.checkpoint={ref!r}") and cause in message, message
+        assert "\n" not in message and "facebook/audiobox-aesthetics" in message
+
+
+# ---- parity with the package's own inference ------------------------------------------------
+
+@pytest.fixture
+def reference_infer(monkeypatch):
+    """audiobox_aesthetics.infer, imported with a stand-in for torchaudio (not installed here).
+    Given 16 kHz tensors, AesPredictor.forward's one torchaudio call is
+    functional.resample(wav, 16000, 16000), which torchaudio answers with its input unchanged."""
+    import audiobox_aesthetics
+
+    def resample(wav, orig_freq, new_freq):
+        assert orig_freq == new_freq, "the parity test feeds the reference 16 kHz tensors only"
+        return wav
+
+    monkeypatch.setitem(sys.modules, "torchaudio",
+                        types.SimpleNamespace(functional=types.SimpleNamespace(resample=resample)))
+    monkeypatch.setitem(sys.modules, "audiobox_aesthetics.infer", None)   # restored (removed) afterwards
+    del sys.modules["audiobox_aesthetics.infer"]
+    monkeypatch.setattr(audiobox_aesthetics, "infer", None, raising=False)
+    return importlib.import_module("audiobox_aesthetics.infer")
+
+
+@pytest.fixture(scope="module")
+def stereo_16k(tmp_path_factory) -> list[dict]:
+    """Stereo 16 kHz float files of 3.7 s (one padded window) and 25.3 s (two full windows and a
+    padded third), so neither side resamples and only the down-mix, windowing, masking,
+    batching, de-normalisation and averaging are compared."""
+    out = tmp_path_factory.mktemp("aes-parity")
+    song = render_song(SongSpec(bpm=120.0, key="A", scale="minor", structure=[("verse", 13)], seed=7), 16000)
+    rng = np.random.default_rng(7)
+    rows = []
+    for seconds in (3.7, 25.3):
+        left = song[:int(seconds * 16000), 0]
+        right = 0.5 * np.roll(left, 800) + 0.02 * rng.standard_normal(len(left)).astype(np.float32)
+        path = out / f"stereo-{seconds}.wav"
+        sf.write(path, np.stack([left, right], axis=1), 16000, subtype="FLOAT")
+        rows.append(track_row(path))
+    return rows
+
+
+def test_scores_parity_with_the_reference_aes_predictor(make_stage, stereo_16k, tiny_models_dir,
+                                                        reference_infer, monkeypatch):
+    """One twin's weights through our stage and through AesPredictor.forward (its own loading,
+    make_inference_batch, mask, Normalize.inverse and weighted mean): within 1e-4 on each axis."""
+    from audiobox_aesthetics.model import aes
+    from audiobox_aesthetics.model.wavlm import WavLMConfig
+
+    twin = resolve_checkpoint("tiny:aesthetics", tiny_models_dir)
+    ckpt = torch.load(os.path.join(twin, "checkpoint.pt"), weights_only=True)
+    with monkeypatch.context() as patch:   # the reference builds the released WavLM size; ours is tiny
+        patch.setattr(aes, "DEFAULT_AUDIO_CFG", WavLMConfig(ckpt["model_cfg"]["wavlm_cfg"]))
+        predictor = reference_infer.AesPredictor(checkpoint_pth=os.path.join(twin, "checkpoint.pt"))
+    predictor.model.to("cpu")              # it picks cuda/mps when present; compare on one device
+    predictor.device = torch.device("cpu")
+    batch = [{"path": torch.from_numpy(sf.read(os.fsdecode(t["uri_raw"]), dtype="float32")[0].T.copy()),
+              "sample_rate": 16000} for t in stereo_16k]
+    assert all(item["path"].shape[0] == 2 for item in batch)   # the reference does its own down-mix
+    reference = predictor.forward(batch)
+    rows = make_stage().process(stereo_16k)
+    assert [r["windows"] for r in rows] == [1, 3]
+    for row, ref in zip(rows, reference):
+        assert row["status"] == STATUS_OK
+        ours = [row[a.lower()] for a in AXES]
+        np.testing.assert_allclose(ours, [ref[a] for a in AXES], rtol=0, atol=1e-4)

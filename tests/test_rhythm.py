@@ -1,17 +1,17 @@
 """Rhythm stage: tempo and key on generated songs with known answers (Essentia path), the Beat
-This twin through the real loader and the reference's chunking, bad input as explicit
-"no tempo"/"no key" with reasons, the caption phrases and `acepipe analyze` (also offline, without
-the released checkpoint)."""
+This twin through the real loader, its logits and beat times against the package's own
+beat_this.inference, bad input as explicit "no tempo"/"no key" with reasons, the caption phrases
+and `acepipe analyze` (also offline, without the released checkpoint)."""
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect as pyinspect
+import importlib
 import json
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,8 @@ import torch
 from schemas.common import STATUS_OK, STATUS_REJECTED
 from schemas.config import load_config
 from schemas.rhythm import RHYTHM_SCHEMA
-from tasks.beat_model import BeatThisTracker, load_checkpoint
+from tasks import rhythm
+from tasks.beat_model import TINY_NAME, BeatThisTracker, load_checkpoint
 from tasks.models import ModelLoadError, resolve_checkpoint
 from tasks.rhythm import RhythmStage, caption_phrases, cli_analyze, file_track
 from tasks.synth import SongSpec, pitch_class, render_song
@@ -166,30 +167,111 @@ def test_twin_is_a_released_format_checkpoint_loaded_by_the_real_code(twin_stage
     pa.Table.from_pylist(rows, schema=RHYTHM_SCHEMA)
 
 
-def _reference_chunking():
-    """split_predict_aggregate and helpers from beat_this/inference.py, without its torchaudio import."""
-    import beat_this.model.beat_tracker as bt
+# ---- parity with the package's own beat_this.inference --------------------------------------
 
-    path = Path(bt.__file__).parent.parent / "inference.py"
-    tree = ast.parse(path.read_text())
-    keep = [n for n in tree.body if isinstance(n, ast.FunctionDef)
-            and n.name in {"zeropad", "split_piece", "aggregate_prediction", "split_predict_aggregate"}]
-    namespace = {"torch": torch, "np": np, "F": torch.nn.functional}
-    exec(compile(ast.Module(body=keep, type_ignores=[]), str(path), "exec"), namespace)
-    return namespace["split_predict_aggregate"]
+class _TorchaudioMelSpectrogram(torch.nn.Module):
+    """torchaudio.transforms.MelSpectrogram as beat_this.preprocessing.LogMelSpect configures it,
+    written from torchaudio's definition (not from tasks/beat_frontend.py): periodic Hann STFT,
+    centred and reflect-padded, normalized="frame_length" (torch.stft normalized=True), power 1,
+    unnormalised Slaney filters (librosa's, the same triangles) -> (n_mels, frames)."""
+
+    def __init__(self, sample_rate, n_fft, hop_length, f_min, f_max, n_mels, mel_scale, normalized, power):
+        super().__init__()
+        assert (mel_scale, normalized, power) == ("slaney", "frame_length", 1), "only what Beat This asks for"
+        librosa = pytest.importorskip("librosa")
+        self.n_fft, self.hop = n_fft, hop_length
+        self.register_buffer("fb", torch.from_numpy(librosa.filters.mel(
+            sr=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=f_min, fmax=f_max, htk=False, norm=None)).float())
+
+    def forward(self, wav):
+        spec = torch.stft(wav, self.n_fft, self.hop, self.n_fft, torch.hann_window(self.n_fft), center=True,
+                          pad_mode="reflect", normalized=True, onesided=True, return_complex=True).abs()
+        return self.fb @ spec
+
+
+@pytest.fixture
+def reference_inference(monkeypatch):
+    """beat_this.inference itself, imported with a stand-in torchaudio (not installed here) that
+    holds only the MelSpectrogram its LogMelSpect builds; the rest (checkpoint loading, soxr
+    resampling, split/predict/aggregate, the Postprocessor) is the package's code. Removed again
+    after the test."""
+    import beat_this
+
+    transforms = types.SimpleNamespace(MelSpectrogram=_TorchaudioMelSpectrogram)
+    monkeypatch.setitem(sys.modules, "torchaudio", types.SimpleNamespace(transforms=transforms))
+    for name in ("preprocessing", "inference"):
+        monkeypatch.setitem(sys.modules, f"beat_this.{name}", None)
+        del sys.modules[f"beat_this.{name}"]
+        monkeypatch.setattr(beat_this, name, None, raising=False)
+    return importlib.import_module("beat_this.inference")
 
 
 @pytest.mark.parametrize("frames", [900, 1500, 3700])
-def test_chunked_inference_equals_the_reference(twin_stage, frames):
-    reference = _reference_chunking()
+def test_chunked_logits_parity_with_reference_split_predict_aggregate(twin_stage, reference_inference, frames):
+    """Our batched chunking (chunks of several pieces per forward) gives the logits of
+    beat_this.inference.split_predict_aggregate (one chunk per forward) within 1e-4."""
     tracker: BeatThisTracker = twin_stage.tracker
     torch.manual_seed(frames)
     spect = torch.rand(frames, 128) * 4
     with torch.inference_mode():
         ours = tracker.logits([spect, spect[:700]])[0]
-        ref = reference(spect, 1500, 6, "keep_first", tracker.model)
+        ref = reference_inference.split_predict_aggregate(spect, 1500, 6, "keep_first", tracker.model)
     torch.testing.assert_close(ours[0], ref["beat"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours[1], ref["downbeat"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def peaky_twin(tiny_models_dir, tmp_path_factory) -> Path:
+    """The twin with its output biases raised: its random logits sit below 0, where the minimal
+    postprocessor finds almost no peaks; raised, about half the frames are beats and a tenth
+    downbeats, so a comparison of beat times has something to compare."""
+    ckpt = load_checkpoint(resolve_checkpoint("tiny:beat_this", tiny_models_dir))
+    ckpt["state_dict"]["model.task_heads.beat_downbeat_lin.bias"] += torch.tensor([0.16, 0.025])
+    path = tmp_path_factory.mktemp("peaky-twin") / TINY_NAME
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def beat_parity_files(tmp_path_factory) -> list[Path]:
+    """45 s of stereo at 44.1 kHz (two chunks, down-mix and resampling on both sides) and 12 s
+    of mono at 22.05 kHz (one short chunk, no resampling), as float WAV."""
+    out = tmp_path_factory.mktemp("beat-parity")
+    song = render_song(SongSpec(bpm=128.0, key="A", scale="minor", structure=[("verse", 24)], seed=4), SR)[:, 0]
+    right = 0.6 * np.roll(song, 300) + 0.01 * np.random.default_rng(4).standard_normal(len(song))
+    sf.write(out / "stereo.wav", np.stack([song, right], axis=1), SR, subtype="FLOAT")
+    mono = render_song(SongSpec(bpm=100.0, key="E", scale="minor", structure=[("verse", 5)], seed=3), 22050)[:, 0]
+    sf.write(out / "mono.wav", mono, 22050, subtype="FLOAT")
+    return [out / "stereo.wav", out / "mono.wav"]
+
+
+def test_beat_times_parity_with_reference_audio2beats(tiny_models_dir, peaky_twin, beat_parity_files,
+                                                      reference_inference, monkeypatch):
+    """The rhythm stage's Beat This path (our loader's down-mix and soxr resampling, our log-mel,
+    batched chunks, the package's Postprocessor) against beat_this.inference.Audio2Beats on the
+    samples File2Beats would read (soundfile, float64): the same frames for every beat and
+    downbeat (times equal within 1e-9 s)."""
+    stage = RhythmStage(_cfg(tiny_models_dir, "device=cpu", "rhythm.beat_tracker=beat_this",
+                             f"rhythm.checkpoint={peaky_twin}"))
+    stage.setup()
+    grids = []
+    analyze = rhythm.analyze_track
+
+    def spy(*args, **kwargs):   # what the stage hands on: (beats, downbeats, probabilities)
+        grids.append(args[5])
+        return analyze(*args, **kwargs)
+
+    monkeypatch.setattr(rhythm, "analyze_track", spy)
+    rows = stage.process([file_track(str(p)) for p in beat_parity_files])
+    assert [r["status"] for r in rows] == [STATUS_OK, STATUS_OK]
+    reference = reference_inference.Audio2Beats(checkpoint_path=str(peaky_twin), device="cpu")
+    for path, (beats, downbeats, _) in zip(beat_parity_files, grids):
+        signal, sr = sf.read(path, dtype="float64")
+        ref_beats, ref_downbeats = reference(signal, sr)
+        assert len(beats) >= 20 and len(downbeats) >= 3, "the comparison needs beats to compare"
+        for ours, ref in ((beats, ref_beats), (downbeats, ref_downbeats)):
+            np.testing.assert_array_equal(np.round(ours * 50), np.round(np.asarray(ref) * 50))
+            np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9)
 
 
 def test_missing_checkpoint_says_what_to_do(tiny_models_dir, tmp_path):
@@ -235,7 +317,9 @@ def test_analyze_offline_without_checkpoint_says_what_to_do(offline_analyze):
     done, _ = offline_analyze
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
-    [error] = done.stderr.splitlines()
+    # one error line, the last; config warnings (the default profile's lyrics_db) may precede it
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("acepipe: error:")]
+    assert done.stderr.splitlines()[-1] == error
     assert error.startswith("acepipe: error: rhythm.checkpoint='final0': ")
     assert "--set rhythm.beat_tracker=essentia" in error
     assert "--set rhythm.checkpoint=/path/to/final0.ckpt" in error and "final0-2, small0-2" in error
@@ -288,6 +372,15 @@ def test_a_released_name_is_downloaded_once_into_the_cache(tiny_models_dir, tmp_
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["beat_this-final0.ckpt"]
 
 
-def test_stage_contract():
-    assert RhythmStage.name == "rhythm" and RhythmStage.inputs == ("aesthetics",)
-    assert "process" in dict(pyinspect.getmembers(RhythmStage))
+def test_preflight_check_refuses_only_a_missing_checkpoint_path(tiny_models_dir, tmp_path):
+    """The flow calls check() before any work: a checkpoint path that does not exist fails the run
+    at once, naming the field; names resolved later (tiny twins, released names) and the Essentia
+    path pass."""
+    missing = f"rhythm.checkpoint={tmp_path}/final0.ckpt"
+    with pytest.raises(ValueError, match=r"rhythm.checkpoint='.*/final0.ckpt': no such file.*beat_tracker=essentia"):
+        RhythmStage.check(_cfg(tiny_models_dir, "rhythm.beat_tracker=beat_this", missing))
+    for overrides in (("rhythm.beat_tracker=essentia", missing),
+                      ("rhythm.beat_tracker=beat_this", "rhythm.checkpoint=tiny:beat_this"),
+                      ("rhythm.beat_tracker=beat_this", "rhythm.checkpoint=final0")):
+        RhythmStage.check(_cfg(tiny_models_dir, *overrides))   # no error
+
