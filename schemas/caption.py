@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.common import stage_schema
 
@@ -60,11 +60,17 @@ class CaptionConfig(BaseModel):
     system_prompt: str = Field(QWEN_SYSTEM_PROMPT, description="system message")
     prompt: str = Field(CAPTION_PROMPT, description="user instruction after the audio; it must ask for JSON "
                         "or Description:/Genre:/Instruments:/Vocals:/Mood:/Tags: lines (what the parser reads)")
-    max_new_tokens: int = Field(256, ge=1, description="generation cap per track")
+    max_new_tokens: int = Field(256, ge=1, description="generation cap per track (a JSON caption "
+                                "from the released model takes about 100-150 tokens)")
+    retry_max_new_tokens: int | None = Field(
+        None, ge=1, description="an answer cut at max_new_tokens (it ran out of tokens before its end "
+        "token; OpenAI finish_reason 'length') is generated once more with this cap; null = twice "
+        "max_new_tokens; equal to max_new_tokens = no retry. Still cut: a truncated_caption reject")
     on_malformed: Literal["reject", "keep_raw"] = Field(
-        "reject", description="an answer with no usable description or tags: reject the track "
-        "(malformed_caption, raw kept), or keep it with the raw text as its description and only the "
-        "BPM/key tags (the tiny profile: a random twin never writes JSON)")
+        "reject", description="an answer with no usable description or tags, or still cut after the "
+        "retry: reject the track (malformed_caption / truncated_caption, raw kept), or keep it as far "
+        "as it parses, else with the raw text as its description and only the BPM/key tags (the tiny "
+        "profile: a random twin never writes JSON nor ends its answer)")
     temperature: float = Field(0.0, ge=0, description="0 = greedy (reproducible); >0 samples")
     # openai backend
     url: str = Field("http://127.0.0.1:8000/v1", description="base URL of the chat-completions server")
@@ -77,6 +83,19 @@ class CaptionConfig(BaseModel):
                                      description="tag phrase -> canonical phrase, applied after lower-casing")
     max_tags: int = Field(32, ge=1, description="keep at most this many tags per track")
     max_tag_words: int = Field(4, ge=1, description="longer phrases are dropped from the tags")
+
+    @model_validator(mode="after")
+    def _retry_budget_is_not_smaller(self) -> "CaptionConfig":
+        if self.retry_max_new_tokens is not None and self.retry_max_new_tokens < self.max_new_tokens:
+            raise ValueError(f"caption.retry_max_new_tokens={self.retry_max_new_tokens} is below "
+                             f"caption.max_new_tokens={self.max_new_tokens}; set it higher (or null for "
+                             "twice max_new_tokens, or equal to max_new_tokens for no retry)")
+        return self
+
+    @property
+    def retry_budget(self) -> int:
+        """max_new_tokens of the one retry of a cut answer (max_new_tokens itself: no retry)."""
+        return self.retry_max_new_tokens or 2 * self.max_new_tokens
 
 
 CAPTION_SCHEMA = stage_schema(

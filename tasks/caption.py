@@ -11,6 +11,10 @@ Two backends give the same rows:
     Qwen-Omni with vLLM (tasks/caption_http.py; tasks/caption_server.py serves our adapter).
 Reason codes beyond schemas.common.REASONS:
   - malformed_caption: the model's text has no usable description or tags (raw kept);
+  - truncated_caption: the answer ran out of tokens before its end token (transformers: no
+    end-of-turn token within max_new_tokens; OpenAI: finish_reason "length") at
+    caption.max_new_tokens and again at caption.retry_max_new_tokens (raw kept). A cut
+    answer is always retried, even when it parses: labelled lines cut mid-list parse too;
   - server_rejected: the server refused the request (HTTP 4xx); timeouts and 5xx are not
     rows but TransientError, so Prefect retries the partition.
 """
@@ -29,7 +33,7 @@ from transformers import Qwen2_5OmniProcessor
 from schemas.caption import CAPTION_SCHEMA, CaptionConfig
 from schemas.common import STATUS_ERROR, STATUS_OK, STATUS_REJECTED
 from tasks import audio
-from tasks.models import resolve_checkpoint, resolve_device
+from tasks.models import loading, resolve_checkpoint, resolve_device
 from tasks.stage import Stage
 
 SAMPLE_RATE = 16000          # the processor's WhisperFeatureExtractor rate
@@ -177,10 +181,16 @@ class AudioOmniProcessor(Qwen2_5OmniProcessor):
 
 @dataclass
 class Generation:
+    """One answer, from either backend."""
     text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finished: bool               # ended with an end-of-turn token (not cut by max_new_tokens)
+    prompt_tokens: int | None
+    completion_tokens: int | None    # tokens generated, the end token included (OpenAI's usage count)
+    finish_reason: str               # OpenAI's words: "stop" (ended with an end token), "length" (cut
+                                     # at the token budget); servers may say others ("abort", ...)
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
 
 
 class LastPositionHead(torch.nn.Module):
@@ -221,24 +231,22 @@ class OmniThinker:
     """Qwen2.5-Omni's thinker and processor: 16 kHz clips and prompts in, text out.
 
     `ref` is a checkpoint directory or hub id of the full model; from_pretrained strips the
-    `thinker.` prefix and leaves the talker/token2wav weights unread.
+    `thinker.` prefix and leaves the talker/token2wav weights unread. `setting` names where
+    `ref` came from in load errors (the stage's config field, the server's flag).
     """
 
     def __init__(self, ref: str, device: torch.device | str = "cpu", dtype: str = "auto",
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, setting: str = "caption.checkpoint"):
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
         self.device = torch.device(device)
         self.ref = ref
-        try:
+        with loading(setting, ref, f"set {setting} to a local copy of Qwen/Qwen2.5-Omni-7B (or a hub id "
+                     "this machine can download) or to tiny:qwen_omni"):
             self.processor = AudioOmniProcessor.from_pretrained(ref)
             model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
                 ref, config=thinker_config(ref), dtype=_dtype(dtype, self.device),
                 attn_implementation=attn_implementation)
-        except (OSError, ValueError) as exc:  # ValueError: not a path and not a valid hub id
-            raise RuntimeError(f"caption.checkpoint={ref!r}: no Qwen2.5-Omni checkpoint there and it could not "
-                               f"be downloaded ({str(exc)[:200]}); set caption.checkpoint to a local copy of "
-                               "Qwen/Qwen2.5-Omni-7B or to tiny:qwen_omni") from exc
         model.visual = None  # audio in, text out: the vision tower (0.68 B params in the release) never runs
         model.lm_head = LastPositionHead(model.lm_head)
         self.model = model.to(self.device).eval()
@@ -250,17 +258,33 @@ class OmniThinker:
                                                      {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
+    def inputs(self, clips: list[np.ndarray], prompts: list[str], system: str | list[str]):
+        """The model inputs for a batch: left-padded input_ids with one <|AUDIO|> per 40 ms, and
+        log-mel input_features with feature_attention_mask, on the model's device.
+
+        The reference processor pads every clip to its feature extractor's n_samples (300 s in
+        the release); we pad the batch only to its longest clip, rounded up to a whole hop past
+        half a window, so every frame the mask keeps sees zeros after the clip as in the
+        reference, and the mask counts ceil(samples / hop) frames as the reference does. The
+        thinker reads only the masked frames, so the answers are the same (test ..._parity_...)."""
+        systems = [system] * len(clips) if isinstance(system, str) else system
+        texts = [self._text(s, p) for s, p in zip(systems, prompts)]
+        features = self.processor.feature_extractor
+        longest = max(len(c) for c in clips) + features.n_fft // 2
+        max_length = min(-(-longest // features.hop_length) * features.hop_length, features.n_samples)
+        inputs = self.processor(text=texts, audio=list(clips), padding=True, return_tensors="pt",
+                                audio_kwargs={"max_length": max_length, "sampling_rate": SAMPLE_RATE})
+        inputs = inputs.to(self.device)
+        inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
+        return inputs
+
     @torch.no_grad()
     def generate(self, clips: list[np.ndarray], prompts: list[str], system: str | list[str],
                  max_new_tokens: int, temperature: float = 0.0) -> list[Generation]:
-        """One answer per (clip, prompt); the batch is left-padded and generated together."""
-        systems = [system] * len(clips) if isinstance(system, str) else system
-        texts = [self._text(s, p) for s, p in zip(systems, prompts)]
-        longest = max(len(c) for c in clips)
-        inputs = self.processor(text=texts, audio=list(clips), padding=True, return_tensors="pt",
-                                audio_kwargs={"max_length": longest, "sampling_rate": SAMPLE_RATE})
-        inputs = inputs.to(self.device)
-        inputs["input_features"] = inputs["input_features"].to(self.model.dtype)
+        """One answer per (clip, prompt); the batch is left-padded and generated together.
+        finish_reason is "stop" when the answer reached an end token, "length" when it was cut
+        at max_new_tokens."""
+        inputs = self.inputs(clips, prompts, system)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         pad = self.processor.tokenizer.pad_token_id
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad,
@@ -268,12 +292,15 @@ class OmniThinker:
         prompt_len = inputs["input_ids"].shape[1]
         results = []
         for i, row in enumerate(out[:, prompt_len:].tolist()):
+            # generate() stops at an end token or at max_new_tokens; rows that ended early in a
+            # batch are padded after their end token
             ended = next((j for j, t in enumerate(row) if t in self.end_ids), None)
             tokens = row if ended is None else row[:ended]
             results.append(Generation(
                 text=self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                prompt_tokens=int(inputs["attention_mask"][i].sum()), completion_tokens=len(tokens),
-                finished=ended is not None))
+                prompt_tokens=int(inputs["attention_mask"][i].sum()),
+                completion_tokens=len(row) if ended is None else ended + 1,
+                finish_reason="length" if ended is None else "stop"))
         return results
 
 
@@ -296,7 +323,7 @@ def clip_window(duration: float, clip_s: float) -> tuple[float, float]:
 
 class CaptionStage(Stage):
     name = "caption"
-    version = "1"
+    version = "2"                # 2: cut answers retried / truncated_caption; audio frames as the reference
     inputs = ("aesthetics", "rhythm")
     schema = CAPTION_SCHEMA
     uses_gpu = True
@@ -321,22 +348,41 @@ class CaptionStage(Stage):
             self.backend = OmniThinker(ref, device, cfg.dtype, cfg.attn_implementation)
             self.model_name = cfg.checkpoint
 
-    def _answers(self, clips: list[np.ndarray]) -> list[str | Exception]:
+    def _generate(self, clips: list[np.ndarray], max_new_tokens: int) -> list[Generation | Exception]:
         cfg: CaptionConfig = self.cfg.caption
         if cfg.backend == "openai":
-            return self.backend.caption(clips)
-        gens = self.backend.generate(clips, [cfg.prompt] * len(clips), cfg.system_prompt,
-                                     cfg.max_new_tokens, cfg.temperature)
-        return [g.text for g in gens]
+            return self.backend.caption(clips, max_new_tokens)
+        return self.backend.generate(clips, [cfg.prompt] * len(clips), cfg.system_prompt,
+                                     max_new_tokens, cfg.temperature)
 
-    def _row(self, track: dict, answer: str | Exception) -> dict:
+    def _answers(self, clips: list[np.ndarray]) -> list[Generation | Exception]:
+        """One answer per clip; answers cut at max_new_tokens are generated again, together,
+        with caption.retry_max_new_tokens. Regenerated rather than continued: the chat API has
+        no portable way to continue an answer, and cut answers should be rare at the default."""
+        cfg: CaptionConfig = self.cfg.caption
+        answers = self._generate(clips, cfg.max_new_tokens)
+        cut = [i for i, a in enumerate(answers) if isinstance(a, Generation) and a.truncated]
+        if cut and cfg.retry_budget > cfg.max_new_tokens:
+            for i, answer in zip(cut, self._generate([clips[i] for i in cut], cfg.retry_budget)):
+                answers[i] = answer
+        return answers
+
+    def _row(self, track: dict, answer: Generation | Exception) -> dict:
         cfg: CaptionConfig = self.cfg.caption
         row = {"track_id": track["track_id"], "backend": cfg.backend, "model": self.model_name}
         if isinstance(answer, Exception):
             return {**row, "status": STATUS_ERROR, "reason": f"server_rejected: {str(answer)[:300]}"}
-        row["raw"] = answer
+        row["raw"] = answer.text
+        if answer.truncated and cfg.on_malformed != "keep_raw":
+            tokens = answer.completion_tokens or cfg.retry_budget
+            retried = (f"after a retry at caption.retry_max_new_tokens={cfg.retry_budget}"
+                       if cfg.retry_budget > cfg.max_new_tokens else
+                       f"no retry: caption.retry_max_new_tokens={cfg.retry_budget} = max_new_tokens")
+            return {**row, "status": STATUS_REJECTED,
+                    "reason": f"truncated_caption: {tokens} tokens, no end of answer ({retried}; "
+                              "raise it if answers are long)"}
         try:
-            fields = caption_fields(answer, track.get("rhythm"), cfg)
+            fields = caption_fields(answer.text, track.get("rhythm"), cfg)
         except MalformedCaption as exc:
             return {**row, "status": STATUS_REJECTED, "reason": f"malformed_caption: {exc}"}
         return {**row, **fields, "status": STATUS_OK, "reason": None}

@@ -4,6 +4,8 @@ How teams run Qwen2.5-Omni at scale: `vllm serve Qwen/Qwen2.5-Omni-7B` (or our
 tasks/caption_server.py for small setups and tests) behind caption.url. Each clip goes as
 one request, a 16 kHz mono 16-bit WAV in an `input_audio` content part followed by the
 prompt; caption.batch_size requests are in flight at once so the server can batch them.
+An answer's finish_reason "length" (cut at max_tokens) is what the stage retries with
+caption.retry_max_new_tokens, as it does for the transformers backend.
 A timeout, a refused connection, 429 or 5xx raises TransientError (Prefect retries the
 partition with back-off); any other 4xx is that track's answer: a `server_rejected` row.
 """
@@ -21,6 +23,7 @@ import numpy as np
 import soundfile as sf
 
 from schemas.caption import CaptionConfig
+from tasks.caption import Generation
 from tasks.stage import TransientError
 
 SAMPLE_RATE = 16000
@@ -37,7 +40,7 @@ def encode_wav(clip: np.ndarray, sr: int = SAMPLE_RATE) -> bytes:
     return buf.getvalue()
 
 
-def chat_request(clip: np.ndarray, cfg: CaptionConfig) -> dict:
+def chat_request(clip: np.ndarray, cfg: CaptionConfig, max_tokens: int) -> dict:
     """The chat-completions body for one clip (OpenAI's audio-input message format)."""
     audio_part = {"type": "input_audio",
                   "input_audio": {"data": base64.b64encode(encode_wav(clip)).decode("ascii"), "format": "wav"}}
@@ -47,19 +50,19 @@ def chat_request(clip: np.ndarray, cfg: CaptionConfig) -> dict:
             {"role": "system", "content": cfg.system_prompt},
             {"role": "user", "content": [audio_part, {"type": "text", "text": cfg.prompt}]},
         ],
-        "max_tokens": cfg.max_new_tokens,
+        "max_tokens": max_tokens,
         "temperature": cfg.temperature,
     }
 
 
 class ChatEndpoint:
-    """caption(clips) -> the assistant's text per clip, or a ServerRejected for a 4xx."""
+    """caption(clips, max_tokens) -> the assistant's answer per clip, or a ServerRejected for a 4xx."""
 
     def __init__(self, cfg: CaptionConfig):
         self.cfg = cfg
         self.url = cfg.url.rstrip("/") + "/chat/completions"
 
-    def _post(self, body: dict) -> str | ServerRejected:
+    def _post(self, body: dict) -> Generation | ServerRejected:
         headers = {"Content-Type": "application/json"}
         if self.cfg.api_key:
             headers["Authorization"] = f"Bearer {self.cfg.api_key}"
@@ -77,12 +80,18 @@ class ChatEndpoint:
             raise TransientError(f"caption server {self.url} unreachable or slower than "
                                  f"caption.timeout_s={self.cfg.timeout_s}: {reason}") from exc
         try:
-            return payload["choices"][0]["message"]["content"] or ""
+            choice = payload["choices"][0]
+            text = choice["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             return ServerRejected(f"response from {self.url} has no choices[0].message.content: "
                                   f"{json.dumps(payload)[:200]}")
+        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        # a server that leaves finish_reason out is taken at its word that the answer is whole
+        return Generation(text=text, prompt_tokens=usage.get("prompt_tokens"),
+                          completion_tokens=usage.get("completion_tokens"),
+                          finish_reason=choice.get("finish_reason") or "stop")
 
-    def caption(self, clips: list[np.ndarray]) -> list[str | ServerRejected]:
-        bodies = [chat_request(clip, self.cfg) for clip in clips]
+    def caption(self, clips: list[np.ndarray], max_tokens: int) -> list[Generation | ServerRejected]:
+        bodies = [chat_request(clip, self.cfg, max_tokens) for clip in clips]
         with ThreadPoolExecutor(max_workers=min(len(bodies), self.cfg.batch_size) or 1) as pool:
             return list(pool.map(self._post, bodies))

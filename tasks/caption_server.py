@@ -189,7 +189,7 @@ def make_handler(batcher: Batcher, served_model: str, args) -> type[BaseHTTPRequ
                 "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": served_model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
-                             "finish_reason": "stop" if gen.finished else "length"}],
+                             "finish_reason": gen.finish_reason}],
                 "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
                           "total_tokens": gen.prompt_tokens + gen.completion_tokens},
             })
@@ -221,7 +221,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ref = resolve_checkpoint(args.checkpoint, args.tiny_dir)
-    model = OmniThinker(ref, resolve_device(args.device), args.dtype)
+    model = OmniThinker(ref, resolve_device(args.device), args.dtype, setting="--checkpoint")
     served_model = args.served_model or args.checkpoint
     batcher = Batcher(model, args.batch_size, args.batch_wait_ms / 1000)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(batcher, served_model, args))

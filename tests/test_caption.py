@@ -1,16 +1,21 @@
 """Caption stage: the tiny Qwen2.5-Omni twin is written like the release, loads its thinker
 (and no talker) through the real code, hears synthetic songs through the processor and
-generates in batches; the parser and normaliser turn answers into tags; a random twin's
-gibberish is a malformed_caption reject with the raw text kept; bad audio is a reject."""
+generates in batches, feeding and answering as the stock transformers processor and thinker
+do (parity); an answer cut at max_new_tokens is retried once with the larger budget and is a
+truncated_caption reject if still cut; the parser and normaliser turn answers into tags; a
+random twin's gibberish is kept as raw text; bad audio is a reject."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 
 from schemas.caption import CAPTION_SCHEMA, CaptionConfig
@@ -19,6 +24,7 @@ from schemas.config import load_config
 from tasks import audio
 from tasks.caption import (
     CaptionStage,
+    Generation,
     MalformedCaption,
     OmniThinker,
     caption_fields,
@@ -27,7 +33,7 @@ from tasks.caption import (
     parse_caption,
     thinker_config,
 )
-from tasks.models import resolve_checkpoint
+from tasks.models import ModelLoadError, resolve_checkpoint
 
 TINY = ["device=cpu", "caption.checkpoint=tiny:qwen_omni", "caption.max_new_tokens=16",
         "caption.batch_size=4", "caption.clip_s=10"]
@@ -105,8 +111,9 @@ def test_a_config_without_vision_start_token_id_gets_the_released_id(twin, tmp_p
 
 
 def test_a_missing_checkpoint_says_which_setting_to_fix(tmp_path):
-    with pytest.raises(RuntimeError, match="caption.checkpoint"):
+    with pytest.raises(ModelLoadError, match=r"^caption.checkpoint=.*nowhere.*tiny:qwen_omni") as caught:
         OmniThinker(str(tmp_path / "nowhere"), "cpu")
+    assert "\n" not in str(caught.value)
 
 
 def test_the_processor_gives_one_audio_token_per_40_ms(twin):
@@ -122,7 +129,8 @@ def test_generation_is_capped_by_max_new_tokens(twin):
     model = OmniThinker(twin, "cpu")
     clips = [np.random.default_rng(i).normal(0, 0.1, 16000 * s).astype(np.float32) for i, s in ((0, 3), (1, 6))]
     gens = model.generate(clips, ["Describe it."] * 2, "You are a music critic.", max_new_tokens=5)
-    assert [g.completion_tokens <= 5 for g in gens] == [True, True]
+    # a random twin never says <|im_end|>: both answers are cut, and say so
+    assert [(g.completion_tokens, g.finish_reason, g.truncated) for g in gens] == [(5, "length", True)] * 2
     assert gens[0].prompt_tokens < gens[1].prompt_tokens  # longer clip, more audio tokens
     assert all(isinstance(g.text, str) for g in gens)
 
@@ -137,10 +145,100 @@ def test_scoring_only_the_last_position_changes_no_answer(twin):
     assert [g.text for g in fast] == [g.text for g in full]
 
 
+class EndTokenAt(torch.nn.Module):
+    """The adapter's head, except that batch row `row` says `end_id` as its `step`-th new token."""
+
+    def __init__(self, head: torch.nn.Module, row: int, step: int, end_id: int):
+        super().__init__()
+        self.head, self.row, self.step, self.end_id, self.calls = head, row, step, end_id, 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)  # (B, 1, V): one call per new token
+        self.calls += 1
+        if self.calls == self.step:
+            logits[self.row, -1, self.end_id] = logits[self.row].max() + 1.0
+        return logits
+
+
+def test_each_answer_in_a_batch_says_whether_it_reached_its_end_token(twin):
+    model = OmniThinker(twin, "cpu")
+    end_id = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.model.lm_head = EndTokenAt(model.model.lm_head, row=0, step=3, end_id=end_id)
+    clips = [np.random.default_rng(i).normal(0, 0.1, 16000 * 3).astype(np.float32) for i in (4, 5)]
+    ended, cut = model.generate(clips, ["Describe it."] * 2, "You are a music critic.", max_new_tokens=8)
+    assert (ended.finish_reason, ended.truncated, ended.completion_tokens) == ("stop", False, 3)
+    assert ended.text and "<|im_end|>" not in ended.text
+    assert (cut.finish_reason, cut.truncated, cut.completion_tokens) == ("length", True, 8)
+
+
+def test_the_adapter_feeds_and_answers_like_the_stock_processor_and_thinker_parity(twin, monkeypatch):
+    """For one clip and the stage's prompt, our model inputs and greedy answer equal those of
+    the stock transformers path as the model card runs it: Qwen2_5OmniProcessor's own
+    apply_chat_template on a conversation with {"type": "audio", "audio": array}, its own
+    __call__ (use_audio_in_video False), Qwen2_5OmniThinkerForConditionalGeneration.generate.
+
+    How our path differs, and why no difference changes what the thinker computes:
+      - AudioOmniProcessor has no image/video processors (the video one needs torchvision, not
+        installed). The stock processor reads them only for <|IMAGE|>/<|VIDEO|> tokens, absent
+        from an audio prompt. To build the stock one here, its class check is pointed at the real
+        BaseVideoProcessor (transformers exports a placeholder when torchvision is missing), and
+        it gets a Qwen2VLImageProcessor and a BaseVideoProcessor with the released merge_size 2;
+        neither is ever called.
+      - Padding: the stock processor pads each clip to the feature extractor's n_samples (300 s);
+        we pad to the longest clip plus half a window, rounded up to a hop. input_ids, the mask's
+        frames and the masked features are equal; the thinker gathers only masked frames, and the
+        stock tensor's extra columns are zero-padding with mask 0. The clip is 5.02 s + 1 sample
+        on purpose: padding to the clip's own length (our old way) dropped its last partial frame
+        and gave 125 audio tokens where the reference gives 126.
+      - Our conversation carries a placeholder where the array goes: the chat template only asks
+        whether a part is audio, so the text is the same (asserted).
+      - Generation: only the last position is scored (LastPositionHead), the vision tower is
+        dropped, generation stops at <|im_end|> or <|endoftext|>, and the text is trimmed of
+        surrounding whitespace. The twin never reaches an end token, so both run to max_new_tokens.
+    None of these is a deliberate difference in behaviour, so none has a config switch."""
+    import transformers.processing_utils
+    from transformers import (AutoTokenizer, Qwen2_5OmniProcessor, Qwen2_5OmniThinkerForConditionalGeneration,
+                              Qwen2VLImageProcessor, WhisperFeatureExtractor)
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    monkeypatch.setattr(transformers.processing_utils.transformers_module, "BaseVideoProcessor", BaseVideoProcessor)
+    stock = Qwen2_5OmniProcessor(Qwen2VLImageProcessor(), BaseVideoProcessor(merge_size=2),
+                                 WhisperFeatureExtractor.from_pretrained(twin), AutoTokenizer.from_pretrained(twin),
+                                 chat_template=(Path(twin) / "chat_template.jinja").read_text())
+    cfg = CaptionConfig()
+    clip = np.random.default_rng(7).normal(0, 0.1, 160 * 502 + 1).astype(np.float32)
+    conversation = [{"role": "system", "content": [{"type": "text", "text": cfg.system_prompt}]},
+                    {"role": "user", "content": [{"type": "audio", "audio": clip},
+                                                 {"type": "text", "text": cfg.prompt}]}]
+    text = stock.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    reference = stock(text=text, audio=[clip], return_tensors="pt", padding=True, use_audio_in_video=False)
+
+    ours = OmniThinker(twin, "cpu")
+    inputs = ours.inputs([clip], [cfg.prompt], cfg.system_prompt)
+    assert ours._text(cfg.system_prompt, cfg.prompt) == text
+    assert torch.equal(inputs["input_ids"], reference["input_ids"])
+    assert torch.equal(inputs["attention_mask"], reference["attention_mask"])
+    audio_token = ours.model.config.audio_token_id
+    assert int((inputs["input_ids"] == audio_token).sum()) == int((reference["input_ids"] == audio_token).sum()) == 126
+    frames, width = int(reference["feature_attention_mask"].sum()), inputs["input_features"].shape[-1]
+    assert frames == 503
+    assert torch.equal(inputs["feature_attention_mask"], reference["feature_attention_mask"][:, :width])
+    assert not reference["feature_attention_mask"][:, width:].any()
+    assert torch.equal(inputs["input_features"][..., :frames], reference["input_features"][..., :frames])
+
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(twin).eval()
+    with torch.no_grad():
+        out = model.generate(**reference, max_new_tokens=12, do_sample=False)
+    stock_text = stock.batch_decode(out[:, reference["input_ids"].shape[1]:], skip_special_tokens=True,
+                                    clean_up_tokenization_spaces=False)[0]
+    answer = ours.generate([clip], [cfg.prompt], cfg.system_prompt, max_new_tokens=12)[0]
+    assert answer.text and answer.text == stock_text.strip()
+
+
 # ---- the stage on synthetic songs ------------------------------------------------------------
 
 def test_every_song_gets_a_row_that_fits_the_schema_with_the_raw_text_kept(make_stage, songs):
-    rows = make_stage("caption.on_malformed=reject").process(songs)
+    rows = make_stage("caption.on_malformed=reject", "caption.retry_max_new_tokens=32").process(songs)
     table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
     assert table.column("track_id").to_pylist() == [s["track_id"] for s in songs]
     for row, song in zip(rows, songs):
@@ -149,11 +247,11 @@ def test_every_song_gets_a_row_that_fits_the_schema_with_the_raw_text_kept(make_
         assert row["clip_s"] == pytest.approx(min(10.0, song["duration"]), abs=0.01)
         assert row["clip_start"] == pytest.approx((song["duration"] - row["clip_s"]) / 2, abs=0.01)
         if row["status"] == STATUS_REJECTED:
-            assert row["reason"].startswith("malformed_caption: ")
+            assert row["reason"].startswith(("malformed_caption: ", "truncated_caption: "))
         else:
             assert row["status"] == STATUS_OK and row["description"] and row["tags"]
-    # random weights speak no JSON: the reject path is what the twin exercises
-    assert any(r["status"] == STATUS_REJECTED for r in rows)
+    # random weights never end an answer (nor write JSON): cut at 16 tokens, cut again at 32
+    assert any(r["reason"].startswith("truncated_caption: 32 tokens, no end of answer") for r in rows)
     # the tiny profile keeps those tracks, with the twin's text as their description
     kept = make_stage().process(songs)
     assert all(r["status"] == STATUS_OK and r["description"] == " ".join(r["raw"].split()) for r in kept
@@ -164,6 +262,56 @@ def test_greedy_answers_do_not_depend_on_the_batch_size(make_stage, songs):
     a = make_stage().process(songs[:3])
     b = make_stage("caption.batch_size=1").process(songs[:3])
     assert [r["raw"] for r in a] == [r["raw"] for r in b]
+
+
+def spy_budgets(stage: CaptionStage, monkeypatch) -> list[tuple[int, int]]:
+    """(clips, max_new_tokens) of each generate() call the stage makes from now on."""
+    calls, real = [], stage.backend.generate
+
+    def generate(clips, prompts, system, max_new_tokens, temperature=0.0):
+        calls.append((len(clips), max_new_tokens))
+        return real(clips, prompts, system, max_new_tokens, temperature)
+    monkeypatch.setattr(stage.backend, "generate", generate)
+    return calls
+
+
+@pytest.mark.parametrize("retry, calls, tokens", [("8", [(2, 4), (2, 8)], 8), ("4", [(2, 4)], 4)])
+def test_a_cut_answer_is_retried_once_with_the_larger_budget_then_rejected_as_truncated(
+        make_stage, songs, monkeypatch, retry, calls, tokens):
+    stage = make_stage("caption.on_malformed=reject", "caption.max_new_tokens=4",
+                       f"caption.retry_max_new_tokens={retry}")
+    made = spy_budgets(stage, monkeypatch)
+    rows = stage.process(songs[:2])
+    assert made == calls  # retry_max_new_tokens equal to max_new_tokens: no retry
+    for row in rows:
+        assert row["status"] == STATUS_REJECTED and row["raw"]
+        assert row["reason"].startswith(f"truncated_caption: {tokens} tokens, no end of answer")
+        assert f"caption.retry_max_new_tokens={tokens}" in row["reason"]
+    pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
+
+
+def test_only_cut_answers_are_retried_and_one_that_ends_on_the_retry_is_kept(make_stage, songs, monkeypatch):
+    stage = make_stage("caption.on_malformed=reject", "caption.max_new_tokens=4",
+                       "caption.retry_max_new_tokens=8")
+    calls = []
+
+    def generate(clips, prompts, system, max_new_tokens, temperature=0.0):
+        calls.append((len(clips), max_new_tokens))
+        if max_new_tokens == 4:  # the first song's answer is cut, the second's is whole
+            return [Generation('{"description": "A bright', 90, 4, "length"), Generation(GOOD_JSON, 90, 4, "stop")]
+        return [Generation(GOOD_JSON, 90, 7, "stop")]
+    monkeypatch.setattr(stage.backend, "generate", generate)
+    rows = stage.process(songs[:2])
+    assert calls == [(2, 4), (1, 8)]
+    assert [r["status"] for r in rows] == [STATUS_OK, STATUS_OK]
+    assert [r["raw"] for r in rows] == [GOOD_JSON, GOOD_JSON]
+
+
+def test_the_retry_budget_defaults_to_twice_max_new_tokens_and_is_never_smaller():
+    assert load_config("default", environ={}).caption.retry_budget == 512
+    assert CaptionConfig(max_new_tokens=100, retry_max_new_tokens=150).retry_budget == 150
+    with pytest.raises(ValidationError, match="retry_max_new_tokens=50 is below caption.max_new_tokens=100"):
+        CaptionConfig(max_new_tokens=100, retry_max_new_tokens=50)
 
 
 def test_bad_input_is_rejected_with_the_loaders_reason(make_stage, synth_corpus, songs):
@@ -181,7 +329,7 @@ def test_bad_input_is_rejected_with_the_loaders_reason(make_stage, synth_corpus,
 
 
 def test_a_good_answer_becomes_an_ok_row_with_bpm_and_key_in_the_tags(make_stage, songs):
-    row = make_stage()._row(songs[0], GOOD_JSON)
+    row = make_stage()._row(songs[0], Generation(GOOD_JSON, 90, 60, "stop"))
     assert row["status"] == STATUS_OK and row["reason"] is None
     assert row["description"] == "A bright pop song with synths and a female singer."
     assert row["genre"] == ["pop", "dance pop"]

@@ -1,7 +1,8 @@
 """Caption stage over HTTP: a real server process (tasks.caption_server, loopback only,
 bounded, killed by PID) serves the tiny twin through the same adapter; the stage's openai
-backend gets the answers the adapter gives in process, 4xx become rows, timeouts and
-unreachable servers raise TransientError (Prefect retries), bad requests are refused."""
+backend gets the answers the adapter gives in process, an answer the server reports cut
+(finish_reason "length") is retried once with the larger budget, 4xx become rows, timeouts
+and unreachable servers raise TransientError (Prefect retries), bad requests are refused."""
 from __future__ import annotations
 
 import base64
@@ -27,11 +28,12 @@ from schemas.caption import CAPTION_SCHEMA
 from schemas.common import STATUS_ERROR
 from schemas.config import load_config
 from tasks import audio
-from tasks.caption import SAMPLE_RATE, CaptionStage, OmniThinker, clip_window
+from tasks.caption import SAMPLE_RATE, CaptionStage, Generation, OmniThinker, clip_window
 from tasks.caption_http import encode_wav
+from tasks.caption_server import Batcher, make_handler, parse_args
 from tasks.models import resolve_checkpoint
 from tasks.stage import TransientError
-from test_caption import corpus_songs, track_row  # tests/ is on sys.path (rootdir conftest)
+from test_caption import GOOD_JSON, corpus_songs, track_row  # tests/ is on sys.path (rootdir conftest)
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED = "qwen-omni-twin"
@@ -105,11 +107,14 @@ def post(url: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
 
 
 def test_the_stage_over_http_gets_what_the_adapter_says_in_process(server, make_stage, songs, twin):
-    stage = make_stage(f"caption.url={server}", "caption.batch_size=1")
+    stage = make_stage(f"caption.url={server}", "caption.batch_size=1", "caption.retry_max_new_tokens=32")
     rows = stage.process(songs)
     pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
     assert [r["backend"] for r in rows] == ["openai"] * 3 and rows[0]["model"] == SERVED
-    assert all(r["raw"] and r["reason"] and r["reason"].startswith("malformed_caption: ") for r in rows)
+    # the twin never ends an answer: the server says "length" at 16 tokens, the stage asks again
+    # with 32, and the server's second answer (32 tokens, cut again) is the row's
+    for row in rows:
+        assert row["raw"] and row["reason"].startswith("truncated_caption: 32 tokens, no end of answer")
     # The same clips as the server decodes them (16-bit WAV), through the adapter here.
     cfg = stage.cfg.caption
     model = OmniThinker(twin, "cpu")
@@ -117,8 +122,55 @@ def test_the_stage_over_http_gets_what_the_adapter_says_in_process(server, make_
         start, seconds = clip_window(song["duration"], cfg.clip_s)
         clip = audio.load_track(song, SAMPLE_RATE, 1, stage.cfg.audio, start, seconds)[0]
         heard, _ = sf.read(io.BytesIO(encode_wav(clip)), dtype="float32")
-        gen = model.generate([heard], [cfg.prompt], cfg.system_prompt, cfg.max_new_tokens, cfg.temperature)[0]
+        gen = model.generate([heard], [cfg.prompt], cfg.system_prompt, cfg.retry_budget, cfg.temperature)[0]
         assert row["raw"] == gen.text
+
+
+class ScriptedModel:
+    """Stands in for OmniThinker behind the real server code: answers are cut below `ends_at`
+    tokens and whole from there on; every generate() budget is recorded."""
+
+    def __init__(self, ends_at: int):
+        self.ends_at, self.budgets = ends_at, []
+
+    def generate(self, clips, prompts, systems, max_new_tokens, temperature=0.0):
+        self.budgets.append(max_new_tokens)
+        if max_new_tokens < self.ends_at:
+            return [Generation('{"description": "A bright', 90, max_new_tokens, "length") for _ in clips]
+        return [Generation(GOOD_JSON, 90, self.ends_at, "stop") for _ in clips]
+
+
+@pytest.fixture
+def scripted_server():
+    """tasks.caption_server's handler and batcher in this process, on 127.0.0.1, over a ScriptedModel."""
+    from http.server import ThreadingHTTPServer
+
+    model = ScriptedModel(ends_at=20)
+    args = parse_args(["--checkpoint", SERVED])
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Batcher(model, 4, 0.02), SERVED, args))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", model
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_the_server_reports_why_an_answer_ended_and_the_stage_retries_a_cut_one(scripted_server, make_stage,
+                                                                                  songs):
+    url, model = scripted_server
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(2 * SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)
+    body = {"model": SERVED, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(encode_wav(tone)).decode(), "format": "wav"}},
+        {"type": "text", "text": "Describe."}]}]}
+    cut, whole = post(url, {**body, "max_tokens": 16})[1], post(url, {**body, "max_tokens": 32})[1]
+    assert (cut["choices"][0]["finish_reason"], cut["usage"]["completion_tokens"]) == ("length", 16)
+    assert (whole["choices"][0]["finish_reason"], whole["usage"]["completion_tokens"]) == ("stop", 20)
+
+    model.budgets.clear()
+    rows = make_stage(f"caption.url={url}", "caption.max_new_tokens=16", "caption.retry_max_new_tokens=32", "caption.batch_size=1").process(songs[:2])
+    assert sorted(model.budgets) == [16, 16, 32, 32]  # each song: cut at 16, whole at 32
+    assert [r["status"] for r in rows] == ["ok", "ok"] and [r["raw"] for r in rows] == [GOOD_JSON, GOOD_JSON]
 
 
 def test_concurrent_requests_all_get_answers(server, make_stage, songs):
@@ -154,8 +206,8 @@ def test_the_server_lists_its_model_and_refuses_bad_requests(server):
     ok = {"model": SERVED, "max_tokens": 4, "temperature": 0,
           "messages": [{"role": "user", "content": [wav_part(tone), {"type": "text", "text": "Describe."}]}]}
     status, body = post(server, ok)
-    assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
-    assert body["usage"]["completion_tokens"] <= 4 and body["usage"]["prompt_tokens"] > 50
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length"  # the twin never ends an answer
+    assert body["usage"]["completion_tokens"] == 4 and body["usage"]["prompt_tokens"] > 50
 
     no_audio = {**ok, "messages": [{"role": "user", "content": "Describe."}]}
     assert post(server, no_audio)[0] == 400
