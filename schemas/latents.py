@@ -73,7 +73,8 @@ class LatentsConfig(_Strict):
     max_batch_frames: int = Field(8192, ge=1, description="latent frames per DCAE forward, padding "
                                   "included (a longer track goes alone)")
     compute_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="model dtype on a GPU (CPU always computes in float32)")
+        "float32", description="dtype of every model of the stage (DCAE, MERT, mHuBERT) on a GPU; a CPU "
+                                "always computes in float32 (bench/latents_dtype.py: what bfloat16 moves)")
     storage_dtype: Literal["float16", "bfloat16"] = Field(
         "float16", description="bfloat16 rounds to bf16 precision, stored in float16 .npy (numpy has no bf16)")
     decode_workers: int = Field(2, ge=1, description="threads decoding FLAC ahead of the encoder")

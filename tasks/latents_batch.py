@@ -20,7 +20,7 @@ import torch
 from schemas.common import STATUS_OK, STATUS_REJECTED
 from schemas.config import Config
 from tasks.audio import AudioError, check_samples, remix
-from tasks.latents_models import MusicDCAE, SslEncoder, load_dcae, load_ssl, pool_to_frames
+from tasks.latents_models import MusicDCAE, SslEncoder, compute_dtype, load_dcae, load_ssl, pool_to_frames
 from tasks.models import resolve_device
 
 TARGETS = ("mert", "mhubert")
@@ -70,10 +70,12 @@ def decode_sample(item: tuple[dict, dict], cfg: Config) -> dict:
 
 # -- encoding -----------------------------------------------------------------------------------
 def encoders(cfg: Config) -> tuple[MusicDCAE, list[SslEncoder]]:
-    """The DCAE and the enabled REPA encoders (loaded once per process)."""
+    """The DCAE and the enabled REPA encoders (loaded once per process), all in the stage's
+    compute dtype (latents.compute_dtype on a GPU, float32 on a CPU)."""
     device = resolve_device(cfg.device)
+    dtype = compute_dtype(cfg.latents, device)
     dcae = load_dcae(cfg.latents, cfg.models.tiny_dir, device)
-    ssl = [load_ssl(name, getattr(cfg.latents, name), cfg.models.tiny_dir, device, dcae.dtype)
+    ssl = [load_ssl(name, getattr(cfg.latents, name), cfg.models.tiny_dir, device, dtype)
            for name in TARGETS if getattr(cfg.latents, name).enabled]
     return dcae, ssl
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from schemas.latents import DcaeConfig, LatentsConfig, MelConfig, SslTargetConfig
 from tasks.beat_frontend import hz_to_mel, mel_to_hz
-from tasks.models import resolve_checkpoint
+from tasks.models import ModelLoadError, loading, resolve_checkpoint
 
 TWIN_SUBFOLDER = "music_dcae_f8c8"   # the twin mirrors the hub repo's layout
 
@@ -152,35 +152,43 @@ class SslEncoder:
         self.encoder_id = encoder_id
         self.sample_rate = int(extractor.sampling_rate)
         self.dim = int(model.config.hidden_size)
+        self.hop = math.prod(model.config.conv_stride)                   # samples per feature frame (320)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def normalise(self, wav: np.ndarray) -> np.ndarray:
+        """The extractor's zero-mean, unit-variance scaling (when it has do_normalize) over the
+        whole track: ACE-Step's trainer normalises the track, then chunks it."""
+        if not getattr(self.extractor, "do_normalize", False) or len(wav) == 0:
+            return np.asarray(wav, dtype=np.float32)
+        return self.extractor.zero_mean_unit_var_norm([np.asarray(wav, dtype=np.float32)], None)[0]
+
     @torch.no_grad()
     def features(self, tracks: list[np.ndarray]) -> list[torch.Tensor]:
         """Mono tracks at self.sample_rate -> one (frames, d) float32 tensor each.
 
-        Each track is cut into chunk_s chunks (the last one zero-padded, as ACE-Step's trainer
-        does), the chunks of all tracks go through the model in batches, and each chunk keeps the
-        frames its real samples cover."""
+        Each track is normalised as a whole, cut into chunk_s chunks (the last one zero-padded,
+        as ACE-Step's trainer does), the chunks of all tracks go through the model in batches, and
+        each chunk keeps ceil(samples / hop) frames, the ones its real samples reach."""
         chunk = int(round(self.cfg.chunk_s * self.sample_rate))
         pieces: list[tuple[int, np.ndarray]] = []                         # (track index, samples)
         for i, wav in enumerate(tracks):
+            wav = self.normalise(wav)
             for start in range(0, max(len(wav), 1), chunk):
                 pieces.append((i, wav[start:start + chunk]))
+        dtype = next(self.model.parameters()).dtype
         outputs: list[list[torch.Tensor]] = [[] for _ in tracks]
         for b in range(0, len(pieces), self.cfg.batch_size):
             group = pieces[b:b + self.cfg.batch_size]
-            values = [self.extractor(p, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
-                      for _, p in group]
-            batch = np.zeros((len(group), chunk), dtype=np.float32)
-            for j, v in enumerate(values):
-                batch[j, :len(v)] = v
-            inputs = torch.from_numpy(batch).to(self.device, next(self.model.parameters()).dtype)
+            batch = np.zeros((len(group), chunk), dtype=np.float32)       # (b, chunk), zero after the track
+            for j, (_, p) in enumerate(group):
+                batch[j, :len(p)] = p
+            inputs = torch.from_numpy(batch).to(self.device, dtype)
             hidden = self.model(inputs, output_hidden_states=True).hidden_states[self.cfg.layer]  # (b, N, d)
             for j, (i, p) in enumerate(group):
-                keep = max(1, min(hidden.shape[1], math.ceil(len(p) * hidden.shape[1] / chunk)))
+                keep = max(1, min(hidden.shape[1], math.ceil(len(p) / self.hop)))
                 outputs[i].append(hidden[j, :keep].float().cpu())
         return [torch.cat(parts, dim=0) for parts in outputs]
 
@@ -196,7 +204,8 @@ _LOCK = threading.Lock()
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _compute_dtype(cfg: LatentsConfig, device: torch.device) -> torch.dtype:
+def compute_dtype(cfg: LatentsConfig, device: torch.device) -> torch.dtype:
+    """The dtype every model of the stage runs in: latents.compute_dtype on a GPU, float32 on a CPU."""
     return _DTYPES[cfg.compute_dtype] if device.type == "cuda" else torch.float32
 
 
@@ -221,25 +230,22 @@ def load_dcae(cfg: LatentsConfig, tiny_dir: str | Path, device: torch.device | s
     """The MusicDCAE of `cfg.dcae` (AutoencoderDC.from_pretrained of a hub id, local dir or twin)."""
     device = torch.device(device)
     dc: DcaeConfig = cfg.dcae
-    key = ("dcae", dc.model_dump_json(), cfg.mel.model_dump_json(), str(Path(tiny_dir)), str(device),
-           _compute_dtype(cfg, device))
+    dtype = compute_dtype(cfg, device)
+    key = ("dcae", dc.model_dump_json(), cfg.mel.model_dump_json(), str(Path(tiny_dir)), str(device), dtype)
 
     def build() -> MusicDCAE:
         from diffusers import AutoencoderDC
 
-        ref = resolve_checkpoint(dc.checkpoint, tiny_dir)
-        try:
+        with loading("latents.dcae.checkpoint", dc.checkpoint,
+                     f"it must hold an AutoencoderDC in subfolder {dc.subfolder!r}: point it at a local copy "
+                     "of ACE-Step/ACE-Step-v1-3.5B (subfolder music_dcae_f8c8) or use tiny:dcae"):
+            ref = resolve_checkpoint(dc.checkpoint, tiny_dir)
             model = AutoencoderDC.from_pretrained(ref, subfolder=dc.subfolder, revision=dc.revision,
-                                                  torch_dtype=_compute_dtype(cfg, device))
-        except (OSError, ValueError) as exc:
-            raise RuntimeError(
-                f"latents.dcae.checkpoint={dc.checkpoint!r} (subfolder {dc.subfolder!r}) could not be "
-                f"loaded as an AutoencoderDC ({type(exc).__name__}: {str(exc)[:200]}). Point it at a local "
-                "copy of ACE-Step/ACE-Step-v1-3.5B (with subfolder music_dcae_f8c8) or use tiny:dcae") from exc
+                                                  torch_dtype=dtype)
         if model.config.in_channels != 2 or model.config.latent_channels != 8:
-            raise RuntimeError(f"latents.dcae.checkpoint={dc.checkpoint!r} is an AutoencoderDC with "
-                               f"in_channels={model.config.in_channels}, latent_channels="
-                               f"{model.config.latent_channels}; the music DCAE is stereo-in, 8 latent channels")
+            raise ModelLoadError(f"latents.dcae.checkpoint={dc.checkpoint!r} is an AutoencoderDC with "
+                                 f"in_channels={model.config.in_channels}, latent_channels="
+                                 f"{model.config.latent_channels}; the music DCAE is stereo-in, 8 latent channels")
         model = model.to(device).eval().requires_grad_(False)
         local = Path(ref) / (dc.subfolder or "")
         revision = dc.revision or (_local_revision(local) if local.is_dir() else "main")
@@ -251,27 +257,32 @@ def load_dcae(cfg: LatentsConfig, tiny_dir: str | Path, device: torch.device | s
 
 def load_ssl(name: str, cfg: SslTargetConfig, tiny_dir: str | Path, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> SslEncoder:
-    """A REPA target encoder by transformers AutoModel (+ Wav2Vec2FeatureExtractor) from_pretrained."""
+    """A REPA target encoder by transformers AutoModel (+ Wav2Vec2FeatureExtractor) from_pretrained,
+    in `dtype` (the stage passes compute_dtype(), as for the DCAE)."""
     device = torch.device(device)
     key = ("ssl", name, cfg.model_dump_json(), str(Path(tiny_dir)), str(device), dtype)
 
     def build() -> SslEncoder:
-        from transformers import AutoModel, Wav2Vec2FeatureExtractor
+        from transformers import AutoConfig, AutoModel, Wav2Vec2FeatureExtractor
 
-        ref = resolve_checkpoint(cfg.checkpoint, tiny_dir)
-        try:
-            model = AutoModel.from_pretrained(ref, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-            extractor = Wav2Vec2FeatureExtractor.from_pretrained(ref, revision=cfg.revision,
-                                                                 trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise RuntimeError(
-                f"latents.{name}.checkpoint={cfg.checkpoint!r} could not be loaded with transformers "
-                f"AutoModel / Wav2Vec2FeatureExtractor ({type(exc).__name__}: {str(exc)[:200]}). Point it "
-                f"at a local copy, use tiny:{name}, or set latents.{name}.enabled=false") from exc
+        remote = cfg.trust_remote_code
+        with loading(f"latents.{name}.checkpoint", cfg.checkpoint,
+                     f"point it at a local copy of a transformers wav2vec2-family model (MERT needs "
+                     f"latents.{name}.trust_remote_code=true), use tiny:{name}, or set "
+                     f"latents.{name}.enabled=false"):
+            ref = resolve_checkpoint(cfg.checkpoint, tiny_dir)
+            config = AutoConfig.from_pretrained(ref, revision=cfg.revision, trust_remote_code=remote)
+            # MERT's remote code builds transformers' HuBERT encoder, which reads conv_pos_batch_norm
+            # (transformers >= 4.48) that MERTConfig lacks; False is the weight-normed conv it was trained with.
+            if not hasattr(config, "conv_pos_batch_norm"):
+                config.conv_pos_batch_norm = False
+            model = AutoModel.from_pretrained(ref, config=config, revision=cfg.revision, trust_remote_code=remote,
+                                              torch_dtype=dtype)
+            extractor = Wav2Vec2FeatureExtractor.from_pretrained(ref, revision=cfg.revision)
         n_states = model.config.num_hidden_layers + 1
         if not -n_states <= cfg.layer < n_states:
-            raise RuntimeError(f"latents.{name}.layer={cfg.layer} but {cfg.checkpoint!r} has {n_states} "
-                               f"hidden states (0 .. {n_states - 1}, or negative from the end)")
+            raise ModelLoadError(f"latents.{name}.layer={cfg.layer} but {cfg.checkpoint!r} has {n_states} "
+                                 f"hidden states (0 .. {n_states - 1}, or negative from the end)")
         model = model.to(device, dtype).eval().requires_grad_(False)
         return SslEncoder(name, model, extractor, cfg, cfg.checkpoint)
 
@@ -311,27 +322,119 @@ def build_tiny_dcae(path: Path) -> None:
     model.save_pretrained(Path(path) / TWIN_SUBFOLDER)
 
 
-def _build_tiny_ssl(path: Path, sample_rate: int, hidden: int, seed: int) -> None:
-    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+# MERT's twin is remote code, as m-a-p/MERT-v1-330M is: a config class of its own (no
+# conv_pos_batch_norm) and a model that builds transformers' HuBERT blocks from it. Written into the
+# twin directory and loaded by AutoModel with trust_remote_code, so the tiny profile takes the
+# released model's loading path, workaround included.
+MERT_TWIN_CONFIG_CODE = '''"""MERT-style config of acepipe's tiny MERT twin: a class of its own, without
+conv_pos_batch_norm."""
+import copy
 
-    # The real extractors' strides (5 * 2^6 = 320 samples per frame): 75 Hz at 24 kHz, 50 Hz at 16 kHz.
-    config = HubertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=2 * hidden, conv_dim=(16,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2),
-                          conv_kernel=(10, 3, 3, 3, 3, 2, 2), num_conv_pos_embeddings=16,
-                          num_conv_pos_embedding_groups=4, feat_extract_norm="group", do_stable_layer_norm=False)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = HubertModel(config)
-    model.save_pretrained(path)
+from transformers import PretrainedConfig
+
+
+class MERTTwinConfig(PretrainedConfig):
+    model_type = "mert_twin"
+    defaults = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    hidden_act="gelu", hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0,
+                    feat_proj_dropout=0.0, feat_proj_layer_norm=True, layerdrop=0.0, layer_norm_eps=1e-5,
+                    initializer_range=0.02, conv_dim=[16] * 7, conv_stride=[5, 2, 2, 2, 2, 2, 2],
+                    conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_bias=False, feat_extract_norm="layer",
+                    feat_extract_activation="gelu", num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                    do_stable_layer_norm=True, sample_rate=24000)
+
+    def __init__(self, **kwargs):
+        values = {key: kwargs.pop(key, copy.deepcopy(value)) for key, value in self.defaults.items()}
+        super().__init__(**kwargs)
+        for key, value in values.items():
+            setattr(self, key, value)
+        self.num_feat_extract_layers = len(self.conv_dim)
+'''
+
+MERT_TWIN_MODEL_CODE = '''"""MERT-style model of acepipe's tiny MERT twin: transformers' HuBERT blocks built from
+MERTTwinConfig, so (transformers >= 4.48) the positional conv reads config.conv_pos_batch_norm,
+which that config lacks."""
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.hubert.modeling_hubert import (HubertEncoder, HubertEncoderStableLayerNorm,
+                                                        HubertFeatureEncoder, HubertFeatureProjection)
+
+from .configuration_mert_twin import MERTTwinConfig
+
+
+class MERTTwinModel(PreTrainedModel):
+    config_class = MERTTwinConfig
+    base_model_prefix = "mert"
+    main_input_name = "input_values"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.feature_extractor = HubertFeatureEncoder(config)
+        self.feature_projection = HubertFeatureProjection(config)
+        self.encoder = (HubertEncoderStableLayerNorm if config.do_stable_layer_norm else HubertEncoder)(config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
+            module.bias.data.zero_()
+
+    def forward(self, input_values, output_attentions=None, output_hidden_states=None, return_dict=None):
+        features = self.feature_extractor(input_values).transpose(1, 2)     # (B, N, conv_dim[-1])
+        hidden = self.feature_projection(features)                          # (B, N, d)
+        out = self.encoder(hidden, output_attentions=bool(output_attentions),
+                           output_hidden_states=bool(output_hidden_states), return_dict=True)
+        return BaseModelOutput(last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states,
+                               attentions=out.attentions)
+'''
+
+
+def _ssl_dims(hidden: int, **extra) -> dict:
+    """The twins' sizes, with the real extractors' strides (5 * 2^6 = 320 samples per frame):
+    75 Hz at 24 kHz, 50 Hz at 16 kHz."""
+    return dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
+                conv_dim=(16,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, **extra)
+
+
+def _save_extractor(path: Path, sample_rate: int, twin_of: str) -> None:
+    from transformers import Wav2Vec2FeatureExtractor
+
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sample_rate, padding_value=0.0, do_normalize=True,
                              return_attention_mask=False).save_pretrained(path)
-    (Path(path) / "twin.json").write_text(json.dumps({"twin_of": "MERT-v1-330M" if sample_rate == 24000
-                                                      else "mHuBERT-147"}))
+    (Path(path) / "twin.json").write_text(json.dumps({"twin_of": twin_of}))
 
 
 def build_tiny_mert(path: Path) -> None:
-    _build_tiny_ssl(path, 24000, hidden=32, seed=1)
+    """MERT-v1-330M's twin: remote code (above) at 24 kHz. Its weights are a HubertModel's of the
+    same blocks, saved on their own so config.json stays MERT-style (no conv_pos_batch_norm)."""
+    from safetensors.torch import save_file
+    from transformers import HubertConfig, HubertModel
+
+    path = Path(path)
+    dims = _ssl_dims(32, feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=False)
+    (path / "configuration_mert_twin.py").write_text(MERT_TWIN_CONFIG_CODE)
+    (path / "modeling_mert_twin.py").write_text(MERT_TWIN_MODEL_CODE)
+    config = {"model_type": "mert_twin", "architectures": ["MERTTwinModel"], "sample_rate": 24000,
+              "auto_map": {"AutoConfig": "configuration_mert_twin.MERTTwinConfig",
+                           "AutoModel": "modeling_mert_twin.MERTTwinModel"}, **dims}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model = HubertModel(HubertConfig(**dims, conv_pos_batch_norm=False, mask_time_prob=0.0))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    _save_extractor(path, 24000, "MERT-v1-330M")
 
 
 def build_tiny_mhubert(path: Path) -> None:
-    _build_tiny_ssl(path, 16000, hidden=24, seed=2)
+    """mHuBERT-147's twin: a transformers HubertModel at 16 kHz, as the released model is."""
+    from transformers import HubertConfig, HubertModel
+
+    config = HubertConfig(**_ssl_dims(24, feat_extract_norm="group", do_stable_layer_norm=False))
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        model = HubertModel(config)
+    model.save_pretrained(path)
+    _save_extractor(path, 16000, "mHuBERT-147")

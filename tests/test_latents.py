@@ -16,10 +16,13 @@ import torch
 
 from schemas.config import load_config
 from tasks.latents import batches, encode_shard, plan, prepare, write_index
-from tasks.latents_models import TWIN_SUBFOLDER, LogMel, load_dcae, load_ssl, pool_to_frames, slaney_filterbank
+from tasks.latents_models import (TWIN_SUBFOLDER, LogMel, SslEncoder, load_dcae, load_ssl, pool_to_frames,
+                                 slaney_filterbank)
+from tasks.models import ModelLoadError
 from tasks.store import StageStore
 
 SR = 44100
+# The MERT twin is remote code, like the released model (until configs/tiny.yaml says so itself).
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,6 @@ def stereo_song(seconds: float, seed: int = 0) -> np.ndarray:
 # -- models ---------------------------------------------------------------------------------------
 def test_twins_are_saved_in_the_real_format_and_load_through_the_real_loaders(tiny_cfg, dcae):
     from diffusers import AutoencoderDC
-    from transformers import HubertModel
 
     twin = Path(tiny_cfg.models.tiny_dir) / "dcae" / TWIN_SUBFOLDER
     assert (twin / "config.json").is_file() and list(twin.glob("*.safetensors"))
@@ -53,19 +55,125 @@ def test_twins_are_saved_in_the_real_format_and_load_through_the_real_loaders(ti
     assert dcae.encoder_id == f"tiny:dcae/{TWIN_SUBFOLDER}" and dcae.revision.startswith("local-")
     assert load_dcae(tiny_cfg.latents, tiny_cfg.models.tiny_dir, "cpu") is dcae   # once per process
 
-    for name, rate, fps in (("mert", 24000, 75), ("mhubert", 16000, 50)):
+    for name, rate, fps, model_class in (("mert", 24000, 75, "MERTTwinModel"), ("mhubert", 16000, 50, "HubertModel")):
         enc = load_ssl(name, getattr(tiny_cfg.latents, name), tiny_cfg.models.tiny_dir)
-        assert isinstance(enc.model, HubertModel) and enc.sample_rate == rate
+        assert type(enc.model).__name__ == model_class and enc.sample_rate == rate
         assert (Path(tiny_cfg.models.tiny_dir) / name / "preprocessor_config.json").is_file()
         feats = enc.features([np.random.default_rng(0).standard_normal(2 * rate).astype(np.float32)])[0]
         assert abs(feats.shape[0] - 2 * fps) <= 1 and feats.shape[1] == enc.dim
 
 
+def test_the_mert_twin_is_remote_code_without_conv_pos_batch_norm_and_loads_as_released_mert(tiny_cfg):
+    """m-a-p/MERT-v1-330M's remote code builds transformers' HuBERT encoder, which (>= 4.48) reads
+    config.conv_pos_batch_norm, missing from MERTConfig: a plain AutoModel load fails on it."""
+    from transformers import AutoConfig, AutoModel
+
+    cfg = tiny_cfg.latents.mert
+    twin = Path(tiny_cfg.models.tiny_dir) / "mert"
+    load_ssl("mert", cfg, tiny_cfg.models.tiny_dir)                         # builds the twin
+    assert (twin / "modeling_mert_twin.py").is_file() and "auto_map" in json.loads((twin / "config.json").read_text())
+    config = AutoConfig.from_pretrained(str(twin), trust_remote_code=True)
+    assert not hasattr(config, "conv_pos_batch_norm")
+    with pytest.raises(AttributeError, match="conv_pos_batch_norm"):
+        AutoModel.from_pretrained(str(twin), trust_remote_code=True)      # the released model's failure
+
+    enc = load_ssl("mert", cfg, tiny_cfg.models.tiny_dir)
+    assert type(enc.model).__name__ == "MERTTwinModel" and enc.model.config.conv_pos_batch_norm is False
+    assert enc.model.encoder.pos_conv_embed.batch_norm is None             # the weight-normed conv, as trained
+    no_remote = cfg.model_copy(update={"trust_remote_code": False})
+    with pytest.raises(ModelLoadError, match="latents.mert.trust_remote_code=true"):
+        load_ssl("mert", no_remote, tiny_cfg.models.tiny_dir)
+
+
+def _broken_checkpoints(root: Path, tiny_dir: str) -> dict[str, Path]:
+    """Checkpoints that fail in ways other than a missing file: corrupt JSON, a cut safetensors."""
+    dcae = root / "dcae"
+    shutil.copytree(Path(tiny_dir) / "dcae", dcae)
+    (dcae / TWIN_SUBFOLDER / "config.json").write_text('{"in_channels": 2, ')
+    mert = root / "mert"
+    shutil.copytree(Path(tiny_dir) / "mert", mert)
+    weights = mert / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    mhubert = root / "mhubert"
+    shutil.copytree(Path(tiny_dir) / "mhubert", mhubert)
+    (mhubert / "config.json").write_text("not json")
+    return {"dcae": dcae, "mert": mert, "mhubert": mhubert}
+
+
+def test_any_load_failure_is_one_line_naming_the_config_field_and_checkpoint(tiny_cfg, dcae, tmp_path):
+    load_ssl("mert", tiny_cfg.latents.mert, tiny_cfg.models.tiny_dir)         # the twins exist
+    load_ssl("mhubert", tiny_cfg.latents.mhubert, tiny_cfg.models.tiny_dir)
+    broken = _broken_checkpoints(tmp_path, tiny_cfg.models.tiny_dir)
+    lc = tiny_cfg.latents
+    bad_dcae = lc.model_copy(update={"dcae": lc.dcae.model_copy(update={"checkpoint": str(broken["dcae"])})})
+    attempts = {"dcae": lambda: load_dcae(bad_dcae, tiny_cfg.models.tiny_dir, "cpu")}
+    for name in ("mert", "mhubert"):
+        cfg = getattr(lc, name).model_copy(update={"checkpoint": str(broken[name])})
+        attempts[name] = lambda name=name, cfg=cfg: load_ssl(name, cfg, tiny_cfg.models.tiny_dir)
+    for name, attempt in attempts.items():
+        with pytest.raises(ModelLoadError) as info:
+            attempt()
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"latents.{name}.checkpoint={str(broken[name])!r}")
+        assert "could not be loaded (" in message, message
+
+
 def test_a_checkpoint_that_is_not_there_names_the_config_key(tiny_cfg, tmp_path):
     bad = tiny_cfg.latents.model_copy(update={"dcae": tiny_cfg.latents.dcae.model_copy(
         update={"checkpoint": str(tmp_path / "nope")})})
-    with pytest.raises(RuntimeError, match="latents.dcae.checkpoint"):
+    with pytest.raises(ModelLoadError, match="latents.dcae.checkpoint"):
         load_dcae(bad, tiny_cfg.models.tiny_dir, "cpu")
+
+
+def test_repa_targets_normalise_the_whole_track_then_chunk(tiny_cfg):
+    """A track whose level changes between chunks: zero mean, unit variance over the whole track
+    (ACE-Step's trainer), then chunks zero-padded to chunk_s, each keeping ceil(samples / 320) frames."""
+    cfg = tiny_cfg.latents.mhubert.model_copy(update={"chunk_s": 1.0, "batch_size": 2})
+    loaded = load_ssl("mhubert", tiny_cfg.latents.mhubert, tiny_cfg.models.tiny_dir)
+    enc = SslEncoder("mhubert", loaded.model, loaded.extractor, cfg, "tiny:mhubert")
+    rng = np.random.default_rng(0)
+    track = np.concatenate([0.02 * rng.standard_normal(16000), 0.5 * rng.standard_normal(16000) + 0.1,
+                            0.1 * rng.standard_normal(9000)]).astype(np.float32)       # 2.56 s, 3 chunks
+    ours = enc.features([track])[0]
+
+    # Independent: float64 numpy statistics, one chunk per forward pass.
+    whole = ((track - track.astype(np.float64).mean()) / np.sqrt(track.astype(np.float64).var() + 1e-7))
+    expected = []
+    for start in range(0, len(track), 16000):
+        piece = np.zeros(16000, dtype=np.float32)
+        piece[:len(whole[start:start + 16000])] = whole[start:start + 16000]
+        with torch.no_grad():
+            hidden = loaded.model(torch.from_numpy(piece)[None], output_hidden_states=True).hidden_states[-1][0]
+        expected.append(hidden[:math.ceil(min(16000, len(track) - start) / 320)])
+    expected = torch.cat(expected)
+    assert ours.shape == expected.shape == (49 + 49 + 29, enc.dim)               # 49: a whole chunk's frames
+    assert torch.allclose(ours, expected, atol=1e-4)
+
+    per_chunk = [loaded.extractor(track[s:s + 16000], sampling_rate=16000)["input_values"][0]
+                 for s in range(0, len(track), 16000)]
+    plain = SslEncoder("mhubert", loaded.model, loaded.extractor.__class__(do_normalize=False, sampling_rate=16000),
+                       cfg, "tiny:mhubert")
+    assert not torch.allclose(plain.features([np.concatenate(per_chunk)])[0], expected, atol=1e-2)
+
+
+def test_every_model_of_the_stage_runs_in_the_compute_dtype(tiny_cfg, monkeypatch):
+    """latents.compute_dtype reaches the REPA encoders as it reaches the DCAE (on a GPU; here the
+    CPU is made to count as one)."""
+    import tasks.latents_batch as batch_module
+    import tasks.latents_models as models_module
+    from tasks.latents_batch import encode_batch, encoders
+
+    as_gpu = lambda cfg, device: models_module._DTYPES[cfg.compute_dtype]   # noqa: E731
+    monkeypatch.setattr(models_module, "compute_dtype", as_gpu)
+    monkeypatch.setattr(batch_module, "compute_dtype", as_gpu)
+    cfg = tiny_cfg.model_copy(update={"latents": tiny_cfg.latents.model_copy(update={"compute_dtype": "bfloat16"})})
+    dcae, ssl = encoders(cfg)
+    assert dcae.dtype == torch.bfloat16 and [e.name for e in ssl] == ["mert", "mhubert"]
+    assert all(next(e.model.parameters()).dtype == torch.bfloat16 for e in ssl)
+    decoded = [{"track_id": "t", "audio": stereo_song(1.0), "meta": {}, "audio_sha": "x"}]
+    result = encode_batch(dcae, ssl, decoded, cfg)[0]
+    assert result["status"] == "ok" and np.isfinite(result["latent"]).all()
+    assert {k: v.shape[1] for k, v in result["features"].items()} == {"mert": 32, "mhubert": 24}
 
 
 def test_mel_matches_librosa(tiny_cfg):
