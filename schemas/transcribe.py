@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pyarrow as pa
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.common import stage_schema
@@ -16,8 +18,25 @@ class TranscribeConfig(BaseModel):
                                       "(whisper's default: ~/.cache/whisper)")
     fp16: bool = Field(True, description="half-precision compute on GPU (ignored on CPU)")
     batch_size: int = Field(16, ge=1, description="30 s windows per encoder/decoder batch")
-    max_windows: int = Field(8, ge=1, description="at most this many 30 s windows decoded per track: "
-                             "the most vocal ones by no-speech probability (the vocal part of long tracks)")
+    max_windows: int = Field(8, ge=1, description="the most vocal 30 s windows of a track (lowest no-speech "
+                             "probability in the scan) that are transcribed: the vocal part of long tracks. "
+                             "seek=fixed decodes exactly these windows; seek=timestamps seeks through them "
+                             "as whisper's clip_timestamps (adjacent windows form one clip), which takes "
+                             "about as many decode rounds, and stops a track after 2 x max_windows rounds")
+    seek: Literal["timestamps", "fixed"] = Field(
+        "timestamps", description="timestamps: as whisper.transcribe, each track's next window starts at the "
+        "last complete segment's end timestamp (or last word end), so a line cut by the window edge is "
+        "decoded whole in the next window; fixed: independent 30 s windows (a line at the edge is cut)")
+    mel: Literal["track", "window"] = Field(
+        "track", description="track: the log-mel of the whole track, cut into windows (as whisper.transcribe; "
+        "its max-8 clamp sees the whole track); window: each window's own log-mel (older behaviour)")
+    beam_size: int | None = Field(5, ge=1, description="beams at temperature 0 (whisper's CLI default 5); "
+                                  "null decodes greedily. Fallback temperatures > 0 always sample one path")
+    patience: float | None = Field(None, gt=0, description="beam search patience (null: 1.0, plain beam search)")
+    condition_on_previous_text: bool = Field(
+        False, description="prompt each window with the track's previous text, as whisper.transcribe's "
+        "default; off here because on songs a repeated chorus or a hallucination then carries into the "
+        "next windows (the prompt is also reset after a fallback above temperature 0.5, as in whisper)")
     language: str | None = Field(None, description="force a language code; null detects it per track")
     temperatures: list[float] = Field(
         [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
