@@ -62,9 +62,11 @@ class LyricTokenizer:
 
 
 def load_lyric_tokenizer(ref: str, tiny_dir: str | Path, max_tokens: int = 2048) -> LyricTokenizer:
-    from tasks.models import resolve_checkpoint
+    from tasks.models import loading, resolve_checkpoint
 
-    return LyricTokenizer(resolve_checkpoint(ref, tiny_dir), max_tokens)
+    with loading("lyric_encoder.tokenizer", ref, "point it at a directory holding tokenizer.json "
+                 "or use tiny:lyric_tokenizer"):
+        return LyricTokenizer(resolve_checkpoint(ref, tiny_dir), max_tokens)
 
 
 _TINY_LYRICS = [

@@ -42,9 +42,11 @@ class TextEncoder(nn.Module):
 
 
 def load_text_encoder(ref: str, tiny_dir: str | Path, max_length: int = 256) -> TextEncoder:
-    from tasks.models import resolve_checkpoint
+    from tasks.models import loading, resolve_checkpoint
 
-    return TextEncoder(resolve_checkpoint(ref, tiny_dir), max_length)
+    with loading("text_encoder.checkpoint", ref, "point it at a local copy of an mT5/UMT5 checkpoint "
+                 "(google/mt5-base as ACE-Step uses) or use tiny:mt5"):
+        return TextEncoder(resolve_checkpoint(ref, tiny_dir), max_length)
 
 
 _TINY_TEXT = [

@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from model.data import ShardError
     from schemas.config import ConfigError
+    from tasks.models import ModelLoadError
 
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
-    except (ShardError, FileNotFoundError) as exc:
+    except (ShardError, FileNotFoundError, ModelLoadError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     print(f"train: done at step {final['step']}; checkpoint {final['checkpoint']}", flush=True)

@@ -31,7 +31,7 @@ import torch
 from schemas.common import STATUS_OK, STATUS_REJECTED
 from schemas.transcribe import TRANSCRIBE_SCHEMA
 from tasks import audio
-from tasks.models import resolve_checkpoint, resolve_device
+from tasks.models import ModelLoadError, loading, resolve_checkpoint, resolve_device
 from tasks.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -102,26 +102,25 @@ def load_model(ref: str, device: torch.device | str = "cpu", download_root: str 
     path = Path(ref).expanduser()
     if path.is_dir():
         path = path / CHECKPOINT_NAME
-    if path.is_file():
-        model = whisper.load_model(str(path), device=device).eval()
-        name = released_name(path, model.dims)
-        if name is None:
-            log.warning("transcribe.model=%r is not a released whisper checkpoint (no SHA256, file name or "
-                        "dims match): word timestamps use the fallback alignment heads (all heads of the "
-                        "decoder's second half), which align words less precisely", ref)
-        else:
-            model.set_alignment_heads(whisper._ALIGNMENT_HEADS[name])
-            model.alignment_heads = model.alignment_heads.to(model.device)
-        return model
-    if ref in whisper.available_models():
-        try:
+    if not path.is_file() and ref not in whisper.available_models():
+        raise ModelLoadError(f"transcribe.model={ref!r} is neither a file nor a directory with {CHECKPOINT_NAME} "
+                             f"nor a whisper model name ({', '.join(whisper.available_models())})")
+    if not path.is_file():
+        with loading("transcribe.model", ref, "put the .pt file in transcribe.download_root or set "
+                     "transcribe.model to its path"):
             return whisper.load_model(ref, device=device, download_root=download_root).eval()
-        except Exception as exc:  # noqa: BLE001 - re-raised with what to do
-            raise RuntimeError(f"transcribe.model={ref!r}: could not download or read it "
-                               f"({type(exc).__name__}: {str(exc)[:200]}); put the .pt file in "
-                               "transcribe.download_root or set transcribe.model to its path") from exc
-    raise RuntimeError(f"transcribe.model={ref!r} is neither a file nor a directory with {CHECKPOINT_NAME} "
-                       f"nor a whisper model name ({', '.join(whisper.available_models())})")
+    with loading("transcribe.model", ref, f"{path} must be a whisper checkpoint (a dict of dims and "
+                 "model_state_dict, as released); download it again or fix the path"):
+        model = whisper.load_model(str(path), device=device).eval()
+    name = released_name(path, model.dims)
+    if name is None:
+        log.warning("transcribe.model=%r is not a released whisper checkpoint (no SHA256, file name or "
+                    "dims match): word timestamps use the fallback alignment heads (all heads of the "
+                    "decoder's second half), which align words less precisely", ref)
+    else:
+        model.set_alignment_heads(whisper._ALIGNMENT_HEADS[name])
+        model.alignment_heads = model.alignment_heads.to(model.device)
+    return model
 
 
 def build_tiny(path: Path) -> None:

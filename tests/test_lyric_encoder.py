@@ -29,7 +29,9 @@ def test_instrumental_is_one_token_and_long_lyrics_are_cut(tokenizer):
 
 
 def test_missing_tokenizer_file_names_the_setting(tmp_path):
-    with pytest.raises(FileNotFoundError, match="lyric_encoder.tokenizer"):
+    from tasks.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"^lyric_encoder.tokenizer=.*nope.json' could not be loaded"):
         load_lyric_tokenizer(str(tmp_path / "nope.json"), tmp_path)
 
 

@@ -36,5 +36,7 @@ def test_other_model_types_are_refused(tmp_path):
     from transformers import BertConfig
 
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="mT5/UMT5"):
+    from tasks.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"^text_encoder.checkpoint=.*a 'bert' model; expected .*mT5/UMT5"):
         load_text_encoder(str(tmp_path), tmp_path)

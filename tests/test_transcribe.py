@@ -229,9 +229,17 @@ def test_repetition_measures_a_single_word_loop():
     assert repetition("too short") == 0.0
 
 
-def test_an_unknown_model_says_what_is_accepted():
-    with pytest.raises(RuntimeError, match="transcribe.model='/no/such.pt' is neither"):
+def test_an_unknown_model_says_what_is_accepted(tmp_path):
+    from tasks.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="transcribe.model='/no/such.pt' is neither"):
         load_model("/no/such.pt")
+    cut = tmp_path / "large-v3.pt"
+    cut.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(str(cut))
+    assert str(caught.value).startswith(f"transcribe.model={str(cut)!r} could not be loaded (")
+    assert "\n" not in str(caught.value)
 
 
 def test_the_scan_gives_whispers_own_language_and_no_speech_probabilities(make_stage, songs):
