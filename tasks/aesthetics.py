@@ -8,13 +8,14 @@ file-path inference needs torchaudio, which we do not install). Downstream stage
 on kept tracks only.
 
 Reason codes added here:
-  low_aesthetics   an axis is below its configured minimum ("low_aesthetics: PQ 3.1 < 5.0")
+  low_aesthetics   an axis is below its configured minimum ("low_aesthetics: PQ 3.104 < 5")
   live_recording   the path matches aesthetics.live_pattern (with aesthetics.reject_live)
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import sys
 import threading
@@ -252,7 +253,8 @@ class AestheticsStage(Stage):
                            "NaN/Inf scores (check aesthetics.precision)")
                 continue
             row.update({a.lower(): float(s) for a, s in zip(AXES, scores)}, windows=int(counts[i]))
-            failing = [f"{a} {s:.2f} < {limits[a]:g}" for a, s in zip(AXES, scores)
+            # the score rounded down, so the reason never reads "6.80 < 6.79939"
+            failing = [f"{a} {math.floor(s * 1000) / 1000:.3f} < {limits[a]:g}" for a, s in zip(AXES, scores)
                        if a in limits and s < limits[a]]
             if failing:
                 row.update(status=STATUS_REJECTED, reason="low_aesthetics: " + ", ".join(failing))

@@ -8,6 +8,7 @@ import json
 import importlib
 import math
 import os
+import re
 import shutil
 import sys
 import types
@@ -114,17 +115,40 @@ def test_track_score_is_the_length_weighted_mean_of_its_windows(make_stage, song
                        [row[a] for a in ("ce", "cu", "pc", "pq")], atol=1e-4)
 
 
+def low_aesthetics(reason: str) -> list[tuple[str, float, float]]:
+    """(axis, value, threshold) of each failing axis a `low_aesthetics: PQ 3.104 < 5` reason names;
+    the value as written is below the threshold as written (the score is rounded down)."""
+    code, _, detail = reason.partition(": ")
+    found = [re.fullmatch(r"(CE|CU|PC|PQ) (-?\d+\.\d{3}) < (\S+)", part) for part in detail.split(", ")]
+    assert code == "low_aesthetics" and all(found), reason
+    parsed = [(m.group(1), float(m.group(2)), float(m.group(3))) for m in found]
+    assert all(value < threshold for _, value, threshold in parsed), reason
+    return parsed
+
+
+def shown(score: float) -> float:
+    """A score as the reason shows it: three decimals, rounded down."""
+    return math.floor(score * 1000) / 1000
+
+
 def test_thresholds_reject_with_the_failing_axis_and_value(make_stage, songs):
-    base = make_stage().process(songs[:2])
-    pq = base[0]["pq"]
-    rows = make_stage(f"aesthetics.min_pq={pq + 0.001}", "aesthetics.min_ce=0").process(songs[:1])
-    assert rows[0]["status"] == STATUS_REJECTED
-    assert rows[0]["reason"] == f"low_aesthetics: PQ {pq:.2f} < {pq + 0.001:g}"
-    assert rows[0]["pq"] == pytest.approx(pq)  # the scores stay on the row for inspection
+    """The detail names each axis below its minimum, in AXES order, with the row's score (3
+    decimals, rounded down) and the configured minimum; an axis at or above its minimum is not named."""
+    pq = make_stage().process(songs[:1])[0]["pq"]
+    limits = {"PQ": pq + 0.001, "CE": 0.0}
+    row = make_stage(f"aesthetics.min_pq={limits['PQ']}", "aesthetics.min_ce=0").process(songs[:1])[0]
+    assert row["status"] == STATUS_REJECTED
+    assert row["pq"] == pytest.approx(pq)  # the scores stay on the row for inspection
+    failing = [a for a in AXES if a in limits and row[a.lower()] < limits[a]]
+    assert failing == ["PQ"]   # CE passes its minimum of 0: only PQ may be named
+    [(axis, value, threshold)] = low_aesthetics(row["reason"])
+    assert (axis, value) == ("PQ", shown(row["pq"])) and threshold == pytest.approx(limits["PQ"], rel=1e-5)
+
     both = make_stage("aesthetics.min_pq=99", "aesthetics.min_cu=99").process(songs[:1])[0]
-    assert both["reason"].startswith("low_aesthetics: CU ") and ", PQ " in both["reason"]
+    assert both["status"] == STATUS_REJECTED
+    assert low_aesthetics(both["reason"]) == [("CU", shown(both["cu"]), 99.0), ("PQ", shown(both["pq"]), 99.0)]
     kept = make_stage(f"aesthetics.min_pq={pq - 0.01}").process(songs[:1])[0]
-    assert kept["status"] == STATUS_OK
+    assert kept["status"] == STATUS_OK and kept["reason"] is None
 
 
 def test_live_recordings_are_rejected_only_when_asked(make_stage, synth_corpus, tmp_path):
