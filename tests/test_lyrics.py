@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -13,9 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from schemas.common import reason_code
 from schemas.lyrics import LyricsConfig
-from tasks.lyrics import LyricsMatcher, LyricsStage, redis_storage
-from tasks.lyrics_index import IndexParams, LyricsIndex, index_for, lyric_lines, read_lyrics_db
+from tasks.lyrics import LyricsMatcher, LyricsStage, index_params, redis_storage
+from tasks.lyrics_index import IndexParams, LyricsIndex, index_for, lyric_lines, read_lyrics_db, shingles
 from tasks.lyrics_ipa import Phonemizer, normalise
 from tasks.store import StageStore
 
@@ -89,19 +91,51 @@ def test_asr_like_transcripts_match_their_song(matcher, db_rows):
     assert hits / total >= 0.9, (hits, total)
 
 
-def test_songs_not_in_the_database_do_not_match(matcher):
-    rng = random.Random(3)
-    unknown = ["the engine of the harbour rolls beneath a copper moon tonight",
-               "seven tired sailors count the silver coins upon the table",
-               "quiero bailar contigo hasta que la noche se convierta en día",
-               "les enfants jouent au football dans la cour de l'école",
-               "我们明天早上去公园跑步然后吃早饭", "今日は雨が降っているので家にいます"]
-    for text in unknown:
+UNKNOWN_TEXTS = ["the engine of the harbour rolls beneath a copper moon tonight",
+                 "seven tired sailors count the silver coins upon the table",
+                 "quiero bailar contigo hasta que la noche se convierta en día",
+                 "les enfants jouent au football dans la cour de l'école",
+                 "我们明天早上去公园跑步然后吃早饭", "今日は雨が降っているので家にいます"]
+
+
+def test_songs_not_in_the_database_do_not_match(matcher, db_rows):
+    for text in UNKNOWN_TEXTS:   # nothing in the database sounds like these: the LSH offers no song
         lyric_id, score, why, _ = matcher.match(text, None)
-        assert lyric_id is None, (text, score, why)
+        assert (lyric_id, score, reason_code(why)) == (None, 0.0, "no_candidate"), (text, why)
+    # a new song quoting one line of a database song: the LSH offers that song, and its verified
+    # score is what turns it down
+    song = next(r for r in db_rows if r["language"] == "en" and r["lyric_id"].startswith("lyr"))
+    quoting = " ".join([sung_lines(song["lyrics"])[2], UNKNOWN_TEXTS[0]])
+    lyric_id, score, why, _ = matcher.match(quoting, "en")
+    assert lyric_id is None and reason_code(why) == "below_threshold", why
+    assert 0.0 < score < matcher.cfg.min_score
     assert matcher.match("", "en")[2].startswith("empty_transcript")
     assert matcher.match("la la", "en")[2].startswith("too_little_text")
-    assert rng  # deterministic inputs
+
+
+def test_min_score_not_the_lsh_decides_a_match(matcher, db_rows):
+    """A database song's chorus inside a longer text that is not in the database: the LSH offers
+    the song, but it holds only a third of the text's phoneme shingles, under lyrics.min_score,
+    so nothing matches; with min_score below that share the same text matches the song."""
+    song = next(r for r in db_rows if r["language"] == "en" and r["lyric_id"].startswith("lyr"))
+    text = " ".join(sung_lines(song["lyrics"])[2:4] + UNKNOWN_TEXTS[:2])
+    ipa = matcher.phonemizer.ipa([normalise(text)], ["en"])[0]
+    assert song["lyric_id"] in matcher.index.candidates(ipa)
+    query = shingles(ipa, matcher.index.params.shingle_k)
+    share = len(query & set(matcher.index.songs[song["lyric_id"]]["shingles"])) / len(query)
+    assert 0.2 < share < matcher.cfg.min_score == 0.5
+
+    lyric_id, score, why, used = matcher.match(text, "en")
+    assert (lyric_id, used) == (None, "en") and score == pytest.approx(share)
+    below = re.fullmatch(r"below_threshold: best (\S+) scored (\d\.\d\d) < (\S+)", why)
+    assert below, why
+    assert (below[1], float(below[2]), float(below[3])) == (song["lyric_id"], round(share, 2), 0.5)
+
+    lowered = LyricsConfig(min_score=share - 0.05)
+    index = LyricsIndex(index_params(lowered), pa.Table.from_pylist(list(matcher.index.songs.values())),
+                        matcher.index.signatures)
+    lyric_id, score, why, _ = LyricsMatcher(index, lowered).match(text, "en")
+    assert (lyric_id, why) == (song["lyric_id"], "matched") and score == pytest.approx(share)
 
 
 def test_wrong_language_tag_still_matches(matcher, db_rows):

@@ -304,6 +304,83 @@ def test_each_filter_leaves_out_the_right_tracks(work, name):
     assert sorted(r["track_id"] for r, _ in kept) == sorted(set(r["track_id"] for r in rows) - set(out))
 
 
+AXES = ("ce", "cu", "pc", "pq")
+THRESHOLD = 5.5
+
+
+@pytest.fixture(scope="module")
+def crafted(work, tmp_path_factory):
+    """A copy of the work root where chosen tracks carry known values: an instrumental tagged
+    Japanese by the transcriber, a sung Japanese track without matched lyrics, one track per
+    aesthetics axis just below THRESHOLD on that axis (just above on the others), and one just
+    above on every axis."""
+    copy = tmp_path_factory.mktemp("crafted") / "work"
+    shutil.copytree(work.cfg.work_root, copy, ignore=shutil.ignore_patterns("shards", "manifest", ".lock-*"))
+    cfg = with_overrides(work.cfg, work=copy)
+    store = StageStore(cfg.work_root)
+    keys = json.loads(pq.read_schema(work.store.path("manifest", "default.parquet")).metadata[b"stage_keys"])
+    by_id = {r["track_id"]: r for r in work.manifest}
+    ids = sorted(by_id)
+    assert len(ids) >= 5
+
+    def rewrite(stage, tid, **values):
+        _rewrite(store.stage_path(stage, keys[stage], by_id[tid]["partition"]), tid, **values)
+
+    below, above = dict(zip(AXES, ids[:4])), ids[4]
+    for axis, tid in below.items():
+        rewrite("aesthetics", tid, **{a: THRESHOLD - 0.01 if a == axis else THRESHOLD + 0.01 for a in AXES})
+    rewrite("aesthetics", above, **{a: THRESHOLD + 0.01 for a in AXES})
+    unmatched = dict(lyric_id=None, score=None, language=None, title=None, artist=None, lyrics=None)
+    instrumental, sung = ids[0], ids[1]
+    rewrite("transcribe", instrumental, language="ja", instrumental=True, text="")
+    rewrite("lyrics", instrumental, **unmatched)
+    rewrite("transcribe", sung, language="ja", instrumental=False, text="夜空の星")
+    rewrite("lyrics", sung, **unmatched)
+    return SimpleNamespace(cfg=cfg, store=store, below=below, above=above, instrumental=instrumental, sung=sung,
+                           manifest=work.manifest,
+                           untouched=[r for r in work.manifest if r["track_id"] not in ids[:5]])
+
+
+def _split(crafted, *overrides) -> tuple[dict[str, dict], dict[str, str]]:
+    kept, rejects, _ = candidates(crafted.store, with_overrides(crafted.cfg, *overrides))
+    return {r["track_id"]: r for r, _ in kept}, {r["track_id"]: r["reason"] for r in rejects}
+
+
+def test_language_filter_lets_instrumentals_through_unless_lyrics_are_required(crafted):
+    kept, reasons = _split(crafted, "pack.filter.languages=[en]")
+    assert crafted.instrumental in kept, reasons.get(crafted.instrumental)
+    assert kept[crafted.instrumental]["language"] == "ja" and kept[crafted.instrumental]["instrumental"]
+    assert reasons.get(crafted.sung, "kept") == "filtered: language ja not in pack.filter.languages ['en']"
+    others = [r for r in crafted.manifest if r["track_id"] not in (crafted.instrumental, crafted.sung)]
+    assert set(reasons) == {crafted.sung} | {r["track_id"] for r in others
+                                            if r["language"] != "en" and not r["instrumental"]}
+
+    kept, reasons = _split(crafted, "pack.filter.languages=[en]", "pack.filter.require_lyrics=true")
+    assert reasons.get(crafted.instrumental, "kept") == \
+        "filtered: no matched lyrics and pack.filter.require_lyrics is set"
+    assert crafted.sung in reasons and not any(r["instrumental"] for r in kept.values())
+
+
+@pytest.mark.parametrize("axis", AXES)
+def test_each_aesthetics_threshold_leaves_out_the_track_just_below_it(crafted, axis):
+    kept, reasons = _split(crafted, f"pack.filter.min_{axis}={THRESHOLD}")
+    low = crafted.below[axis]
+    assert reasons.get(low, "kept") == f"filtered: {axis} {THRESHOLD - 0.01:.2f} < pack.filter.min_{axis} {THRESHOLD}"
+    assert crafted.above in kept
+    assert all(tid in kept for a, tid in crafted.below.items() if a != axis)   # other axes not filtered
+    for row in crafted.untouched:   # the fixture's own scores, on this axis only
+        score = stage_row("aesthetics", row)[axis]
+        assert (row["track_id"] in reasons) == (score < THRESHOLD), (row["track_id"], score)
+
+
+def test_all_aesthetics_thresholds_at_once_name_the_axis_that_failed(crafted):
+    kept, reasons = _split(crafted, *(f"pack.filter.min_{a}={THRESHOLD}" for a in AXES))
+    for axis, tid in crafted.below.items():
+        reason = reasons.get(tid, "kept")
+        assert reason.startswith(f"filtered: {axis} ") and f"pack.filter.min_{axis} " in reason, (axis, reason)
+    assert crafted.above in kept
+
+
 def test_a_filtered_pack_writes_its_rejects(work):
     cfg = with_overrides(work.cfg, "pack.filter.languages=[en]")
     summary = pack(cfg, "english")

@@ -1,12 +1,20 @@
-"""REPA: the cosine loss over valid frames only, pooling/alignment to the token rate, and where
-its gradients go (the projector and the blocks up to the configured depth, nothing later)."""
+"""REPA: the cosine loss over valid frames only, pooling/alignment to the token rate, where its
+gradients go (the projector and the blocks up to the configured depth, nothing later), and which
+block's output a training step aligns."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
-from model.dit import LinearDiT
-from model.repa import RepaHeads, align_to_frames, cosine_loss, pool_to_tokens
-from schemas.train import DiTConfig, RepaConfig, RepaTargetConfig
+sys.path.insert(0, str(Path(__file__).parent))
+from latent_shards import decoded_sample, make_track, tiny_module  # noqa: E402
+
+from model.dit import LinearDiT  # noqa: E402
+from model.repa import RepaHeads, align_to_frames, cosine_loss, pool_to_tokens  # noqa: E402
+from schemas.train import DiTConfig, RepaConfig, RepaTargetConfig, load_train_config  # noqa: E402
 
 DIT = DiTConfig(width=32, depth=4, heads=4, head_dim=8)
 REPA = RepaConfig(depth=1, targets=[RepaTargetConfig(name="mert", dim=12), RepaTargetConfig(name="mhubert", dim=6)])
@@ -63,3 +71,33 @@ def test_tracks_without_features_are_left_out():
     no_frames = torch.zeros(2, 10, dtype=torch.bool)
     losses = heads(hidden, {"mert": (torch.randn(2, 10, 12), no_frames)})
     assert losses == {}
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_the_step_aligns_the_output_of_the_configured_block(tiny_models_dir, depth):
+    """repa.depth is a 0-based block index: what the REPA heads get in a training step is the
+    output of dit.blocks[depth] (read by a hook on that block), and another depth gives another loss."""
+    cfg = load_train_config("tiny", [f"tiny_dir={tiny_models_dir}", f"repa.depth={depth}"])
+    module, collate = tiny_module(cfg)
+    batch = collate([decoded_sample(make_track(0, 12)), decoded_sample(make_track(3, 9))])
+    seen = {}
+    on_block = module.net.dit.blocks[depth].register_forward_hook(
+        lambda mod, args, out: seen.__setitem__("block", out.detach().clone()))
+    on_heads = module.repa.register_forward_pre_hook(
+        lambda mod, args: seen.__setitem__("heads", args[0].detach().clone()))
+    t = torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        out = module.losses(module.net, batch, t=t, generator=torch.Generator().manual_seed(0))
+    on_block.remove()
+    on_heads.remove()
+    assert seen["heads"].shape == (2, 12, cfg.dit.width)
+    torch.testing.assert_close(seen["heads"], seen["block"], rtol=0, atol=0,
+                               msg=lambda m: f"the REPA heads did not get the output of block {depth}: {m}")
+
+    other = (depth + 1) % cfg.dit.depth
+    module.cfg = module.cfg.model_copy(update={"repa": module.cfg.repa.model_copy(update={"depth": other})})
+    with torch.no_grad():
+        moved = module.losses(module.net, batch, t=t, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(moved["flow"], out["flow"])     # same noise, same velocity
+    for name in ("repa_mert", "repa_mhubert"):
+        assert abs(moved[name] - out[name]) > 1e-4, (name, float(moved[name]), float(out[name]))

@@ -4,9 +4,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from schemas.common import STATUS_OK, STATUS_REJECTED, stage_schema
+from schemas.common import REASONS, STATUS_OK, STATUS_REJECTED, reason_code, stage_schema
 from tasks import stage as stage_mod
-from tasks.stage import Stage, run_partition, stage_keys
+from tasks.stage import STAGE_MODULES, Stage, run_partition, stage_class, stage_keys
 from tasks.store import StageStore
 
 CALLS: dict[str, int] = {}
@@ -114,6 +114,51 @@ def test_config_change_invalidates(make_cfg, store):
     assert a["upper"] != b["upper"]
 
 
+# For each curate stage, an override of its own config that changes what it writes (the
+# probe has no section of its own: the loader's guards under `audio` are its config).
+OWN_CONFIG_CHANGE = {
+    "probe": ("audio.silence_dbfs", -60.0),
+    "aesthetics": ("aesthetics.min_pq", 4.0),
+    "transcribe": ("transcribe.beam_size", 3),
+    "lyrics": ("lyrics.min_score", 0.7),
+    "rhythm": ("rhythm.min_bpm", 60.0),
+    "caption": ("caption.prompt", "Describe the instruments only."),
+}
+
+
+def dependants(name: str) -> set[str]:
+    """The stages that read `name`'s output, directly or through others, from their declared inputs."""
+    found: set[str] = set()
+    while True:
+        more = {s for s in STAGE_MODULES if s not in found and s != name
+                and ({name} | found) & set(stage_class(s).inputs)}
+        if not more:
+            return found
+        found |= more
+
+
+def test_every_curate_stage_has_a_config_change_to_test_its_key_with():
+    assert set(OWN_CONFIG_CHANGE) == set(STAGE_MODULES)
+
+
+@pytest.mark.parametrize("stage", list(OWN_CONFIG_CHANGE))
+def test_a_stage_config_change_reruns_that_stage_and_its_dependants_only(make_cfg, stage):
+    dotted, value = OWN_CONFIG_CHANGE[stage]
+    base, changed = make_cfg(), make_cfg(f"{dotted}={value}")
+    section, field = dotted.split(".")
+    assert getattr(getattr(base, section), field) != value == getattr(getattr(changed, section), field)
+    names = list(STAGE_MODULES)
+    before, after = stage_keys(base, names), stage_keys(changed, names)
+    rerun = {name for name in names if before[name] != after[name]}
+    assert rerun == {stage} | dependants(stage), dotted
+
+
+def test_how_the_caption_server_is_reached_reruns_nothing(make_cfg):
+    names = list(STAGE_MODULES)
+    assert stage_keys(make_cfg("caption.url=http://a/v1", "caption.timeout_s=5"), names) == \
+        stage_keys(make_cfg("caption.url=http://b/v1"), names)
+
+
 def test_one_bad_track_does_not_fail_the_partition(store, make_cfg):
     from schemas.common import CATALOG_SCHEMA
 
@@ -123,9 +168,13 @@ def test_one_bad_track_does_not_fail_the_partition(store, make_cfg):
     cfg = make_cfg("stages=[upper]")
     result = run_partition(store, cfg, "upper", 1, stage_keys(cfg))
     assert (result["ok"], result["error"]) == (1, 1)
+    assert result["reasons"] == {"exception": 1}     # what the run summary groups the error under
     t = store.read_stage("upper", stage_keys(cfg)["upper"], 1).to_pylist()
     bad = next(r for r in t if r["track_id"] == "b")
-    assert bad["status"] == "error" and "cannot handle boom" in bad["reason"]
+    # the documented code, then what Upper raised: its type and its message
+    assert (bad["status"], bad["reason"]) == ("error", "exception: ValueError: cannot handle boom")
+    assert reason_code(bad["reason"]) in REASONS
+    assert next(r for r in t if r["track_id"] == "a")["status"] == STATUS_OK
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flipped_byte"])

@@ -5,6 +5,7 @@ import pyarrow as pa
 
 from schemas.common import CATALOG_SCHEMA, stage_schema
 from schemas.summary import REJECTS_SCHEMA
+from tasks.stage import Stage, run_partition, stage_keys
 from tasks.store import StageStore
 from tasks.summary import ranges, stage_table, summarize_catalog, summary_line, write_rejects
 
@@ -90,6 +91,36 @@ def test_every_catalog_track_is_explained_and_every_reject_listed(tmp_path):
     # a catalog with nothing rejected still replaces the file: it always shows the present
     write_rejects(store, summarize_catalog(store, [], {}, []).rejects)
     assert store.read_table(path).num_rows == 0
+
+
+class Fragile(Stage):
+    """Raises on one track: the runner isolates it as that track's error row."""
+    name = "fragile"
+    version = "1"
+    schema = stage_schema()
+
+    def process(self, tracks):
+        if any(t["track_id"] == "b" for t in tracks):
+            raise OSError("cannot decode b.wav")
+        return [{"track_id": t["track_id"], "status": "ok", "reason": None} for t in tracks]
+
+
+def test_a_track_that_raised_is_summarised_under_the_exception_code(tmp_path, make_cfg, monkeypatch):
+    from tasks import stage as stage_mod
+
+    monkeypatch.setitem(stage_mod.STAGE_MODULES, "fragile", f"{__name__}:Fragile")
+    monkeypatch.setattr(stage_mod, "_INSTANCES", {})
+    store = StageStore(tmp_path / "work")
+    _catalog(store, 0, [("a", "ok", None), ("b", "ok", None)])
+    cfg = make_cfg("stages=[fragile]")
+    keys = stage_keys(cfg)
+    run_partition(store, cfg, "fragile", 0, keys)
+
+    summary = summarize_catalog(store, ["fragile"], keys, [0])
+
+    assert summary.counts()["by_reason"] == {"fragile/exception": 1}
+    assert [(r["track_id"], r["stage"], r["status"], r["reason"]) for r in summary.rejects.to_pylist()] == [
+        ("b", "fragile", "error", "exception: OSError: cannot decode b.wav")]
 
 
 def test_summary_line_accounts_for_every_track_and_file():

@@ -1,8 +1,10 @@
-"""The trainer: latent shards into padded batches, the tiny model overfitting four tracks,
-resume from the last checkpoint with the saved step and optimizer state, the entry point."""
+"""The trainer: latent shards into padded batches, padding that changes no loss, the held-out split
+by track_id hash, the tiny model overfitting four tracks, validation at val_every, resume from the
+last checkpoint with the saved step and optimizer state, the entry point."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from latent_shards import make_track, write_latent_shards  # noqa: E402
+from latent_shards import decoded_sample, make_track, tiny_module, write_latent_shards  # noqa: E402
 
 from schemas.train import load_train_config  # noqa: E402
 
@@ -86,8 +88,111 @@ def test_overfits_four_tracks(tmp_path, tiny_cfg, latent_shards):
     assert last < 0.6 * first, (first, last)
 
 
-class Capture(torch.nn.Module):
-    pass
+def test_padding_changes_no_loss(tiny_cfg, monkeypatch):
+    """Two tracks of different lengths padded into one batch (padding filled with large garbage)
+    give the losses of the same tracks run one at a time at their own lengths, frame-weighted."""
+    module, collate = tiny_module(tiny_cfg())
+    samples = [decoded_sample(make_track(0, 21)), decoded_sample(make_track(3, 14))]
+    lengths = [s["latent"].shape[-1] for s in samples]
+    gen = torch.Generator().manual_seed(7)
+    noises = [torch.randn(1, 8, 16, n, generator=gen) for n in lengths]
+
+    batch = collate(samples)
+    T = max(lengths)
+    padded_noise = 1e3 * torch.randn(2, 8, 16, T, generator=gen)
+    for i, n in enumerate(lengths):
+        batch["latents"][i, ..., n:] = 1e3 * torch.randn(8, 16, T - n, generator=gen)
+        for feats, _ in batch["targets"].values():
+            feats[i, n:] = 1e3 * torch.randn(T - n, feats.shape[-1], generator=gen)
+        padded_noise[i, ..., :n] = noises[i][0]
+    assert batch["frame_mask"].sum(1).tolist() == lengths
+
+    draws = []   # the noise losses() draws: ours, so valid frames see the same noise both ways
+
+    def randn(*size, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+        draws.append(shape)
+        return next(queue).clone()
+
+    t = torch.tensor([0.35, 0.8])
+    keep = {"text": torch.tensor([True, False]), "lyrics": torch.tensor([False, True]),
+            "speaker": torch.tensor([True, True])}
+    queue = iter([padded_noise, *noises])
+    monkeypatch.setattr(torch, "randn", randn)
+    with torch.no_grad():
+        together = module.losses(module.net, batch, t=t, keep=keep)
+        alone = [module.losses(module.net, collate([s]), t=t[i:i + 1], keep={k: v[i:i + 1] for k, v in keep.items()})
+                 for i, s in enumerate(samples)]
+    monkeypatch.undo()
+    assert draws == [(2, 8, 16, T), (1, 8, 16, lengths[0]), (1, 8, 16, lengths[1])]
+    assert set(together) == {"flow", "repa_mert", "repa_mhubert", "loss"}
+    for term in ("flow", "repa_mert", "repa_mhubert"):
+        expected = sum(n * out[term] for n, out in zip(lengths, alone)) / sum(lengths)
+        torch.testing.assert_close(together[term], expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{term}: {m}")
+    assert abs(alone[0]["flow"] - alone[1]["flow"]) > 1e-3   # the weighting is tested, not moot
+
+
+def test_a_run_past_val_every_logs_validation_and_writes_sample_images(tmp_path, tiny_cfg):
+    from model.train import fit
+
+    out = tmp_path / "run"
+    cfg = tiny_cfg("trainer.max_steps=4", "trainer.val_every=2", "trainer.checkpoint_every=1000",
+                   "validation.steps=2")
+    final = fit(cfg, out)
+    assert final["step"] == 4
+    # The CSV's step is the 0-based index of the last training step (0..3 for four steps):
+    # validation after steps 2 and 4 is logged at 1 and 3.
+    val = [r for r in metrics(out) if r.get("val/flow")]
+    assert [int(r["step"]) for r in val] == [1, 3]
+    for r in val:
+        for key in ("val/flow", "val/loss", "val/repa_mert", "val/repa_mhubert"):
+            assert 0 < float(r[key]) < 100, (key, r)
+    # Nothing is held out of six tracks (val_fraction 0): the first two in the index validate.
+    first_two = sorted(make_track(i, 1)["track_id"] for i in range(2))
+    for step in (2, 4):
+        images = sorted((out / "samples" / f"step-{step:07d}").iterdir())
+        assert [p.name for p in images] == [f"{t}.png" for t in first_two]
+        assert all(p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for p in images)
+
+
+def _held_out_by_rule(track_id: str, fraction: float) -> bool:
+    """The documented rule: the first 32 bits of sha1(track_id), mod 10 000, below fraction * 10 000."""
+    return int.from_bytes(hashlib.sha1(track_id.encode()).digest()[:4], "big") % 10_000 < fraction * 10_000
+
+
+def test_validation_is_held_out_by_track_id_hash(tmp_path, tiny_cfg):
+    from model.data import LatentDataModule
+    from model.lyric_encoder import load_lyric_tokenizer
+
+    tracks = [make_track(i, 6, seed=2) for i in range(24)]
+    ids = {t["track_id"] for t in tracks}
+    expected = {t for t in ids if _held_out_by_rule(t, 0.3)}
+    assert 3 <= len(expected) <= 12, len(expected)
+    tok = load_lyric_tokenizer("tiny:lyric_tokenizer", tiny_cfg().tiny_dir)
+
+    def split(name, tracks, per_shard):
+        cfg = tiny_cfg(f"data.shards={write_latent_shards(tmp_path / name, tracks, per_shard)}",
+                       "data.val_fraction=0.3", "data.val_samples=24", "data.batch_size=4", "data.max_frames=6")
+        data = LatentDataModule(cfg, tok)
+        data.setup("fit")
+        return data
+
+    data = split("all", tracks, 4)
+    validation = {s["track_id"] for s in data.val_samples}
+    assert data.held_out == validation == expected
+    trained = set()
+    for _, batch in zip(range(200), data.train_dataloader()):
+        trained |= set(batch["track_id"])
+        if trained == ids - expected:
+            break
+    assert trained == ids - expected        # disjoint from validation, and together all tracks
+
+    # A track's side depends on its id only: not on shard order or on which other tracks exist.
+    shuffled = split("shuffled", tracks[::-1], 3)
+    assert shuffled.held_out == {s["track_id"] for s in shuffled.val_samples} == expected
+    fewer = [t for i, t in enumerate(tracks) if i % 3]
+    subset = split("fewer", fewer, 5)
+    assert subset.held_out == expected & {t["track_id"] for t in fewer}
 
 
 def test_resume_continues_from_the_saved_step_and_optimizer_state(tmp_path, tiny_cfg):
