@@ -41,7 +41,11 @@ def _params(args):
 def cmd_synth(args) -> int:
     from tasks.synth import generate_corpus
 
-    truth = generate_corpus(args.out, n=args.n, seed=args.seed)
+    try:
+        truth = generate_corpus(args.out, n=args.n, seed=args.seed)
+    except FileExistsError as exc:
+        print(f"acepipe: error: {exc}", file=sys.stderr)
+        return 2
     bad = sum(1 for s in truth["songs"] if s["expect"] != "ok")
     print(f"wrote {len(truth['songs'])} files ({bad} deliberately bad) and the lyrics database to {args.out}")
     return 0
@@ -77,8 +81,11 @@ def cmd_run(args) -> int:
     from tasks.ingest import check_sources
     from tasks.store import StageStore
 
+    from flows.runners import task_runner_for
+
     check_sources(cfg.sources)
     StageStore(cfg.work_root).check_writable()
+    task_runner_for(cfg.runner)
     from tasks.stage import check_stages, dag_order
 
     try:
@@ -103,8 +110,10 @@ def cmd_pipeline(args) -> int:
     from flows.curate import CurateFailed
     from flows.pipeline import PipelineParams, pipeline
 
+    from flows.runners import task_runner_for
+
     params = _params(args)
-    params.load()  # a malformed config fails here, before Prefect starts
+    task_runner_for(params.load().runner)  # a malformed config or runner fails here, before Prefect starts
     try:
         result = pipeline(PipelineParams(run=params, dataset=args.dataset, train=not args.no_train,
                                          train_config=args.train_config, max_steps=args.max_steps,
@@ -254,8 +263,13 @@ def _call(target: str, arg) -> int:
 
 
 def cmd_tiny_models(args) -> int:
-    from tasks.models import build_all
+    from tasks.models import TINY_BUILDERS, build_all
 
+    unknown = [n for n in args.names if n not in TINY_BUILDERS]
+    if unknown:   # before building any: a typo must not leave half the list built
+        print(f"acepipe: error: no tiny twin named {', '.join(map(repr, unknown))}; known: "
+              f"{', '.join(TINY_BUILDERS)}", file=sys.stderr)
+        return 2
     for path in build_all(args.dir, args.names or None, force=args.force):
         print(path)
     return 0

@@ -117,9 +117,9 @@ def curate(params: RunParams = RunParams()) -> dict:
     store.check_writable()
     check_sources(cfg.sources)
     check_stages(cfg, dag_order(cfg.stages))
+    runner = task_runner_for(cfg.runner)   # before ingest: a runner that cannot exist fails up front
     ingested = ingest_task(cfg)
-    results = curate_stages.with_options(task_runner=task_runner_for(cfg.runner))(
-        cfg, ingested.partitions)
+    results = curate_stages.with_options(task_runner=runner)(cfg, ingested.partitions)
     # This run's ingest work: new tracks (ok or rejected) and known tracks whose source went or
     # changed (marked: rejected now) or came back (restored: ok again).
     marked = sum(ingested.marked.values())

@@ -74,10 +74,10 @@ def latents(params: DatasetParams = DatasetParams()) -> dict:
         return {"dataset": params.dataset, "disabled": True}
     store = StageStore(cfg.work_root)
     store.check_writable()
+    runner = task_runner_for(cfg.runner)   # before planning: a runner that cannot exist fails up front
     the_plan = plan(cfg, params.dataset, store)
     index_current = prepare(cfg, the_plan, store)
-    results = latents_shards.with_options(task_runner=task_runner_for(cfg.runner))(
-        cfg, params.dataset, the_plan["shards"])
+    results = latents_shards.with_options(task_runner=runner)(cfg, params.dataset, the_plan["shards"])
     summary = index_task(cfg, the_plan, results, index_current)
     create_markdown_artifact(summary_markdown(summary),
                              key=f"latents-{params.dataset}".replace("_", "-").lower(),

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from schemas.config import RunnerConfig
+from schemas.config import ConfigError, RunnerConfig
 
 
 def task_runner_for(runner: RunnerConfig):
+    """The configured task runner, built (not started). Flows and the CLI build it before any work,
+    so a runner that cannot exist here (ray without its extra) fails in one line, up front."""
     if runner.kind == "threads":
         return ThreadPoolTaskRunner(max_workers=runner.max_workers)
     if runner.kind == "dask":
@@ -20,7 +22,7 @@ def task_runner_for(runner: RunnerConfig):
         try:
             from prefect_ray import RayTaskRunner
         except ImportError:
-            raise RuntimeError("runner.kind=ray needs the ray extra: pip install -e '.[ray]'") from None
+            raise ConfigError("runner.kind=ray needs the ray extra: pip install -e '.[ray]'") from None
         return RayTaskRunner(address=runner.address) if runner.address else RayTaskRunner()
     raise ValueError(f"runner.kind {runner.kind!r} is not one of threads, dask, ray")
 

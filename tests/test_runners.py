@@ -1,6 +1,11 @@
 """The task runner and GPU cap are configuration: threads/Dask/Ray runners, the `gpu` tag limit."""
 from __future__ import annotations
 
+import sys
+import tomllib
+import types
+from pathlib import Path
+
 import pytest
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -18,6 +23,54 @@ def test_dask_runner_takes_an_existing_cluster_address():
 
     runner = task_runner_for(RunnerConfig(kind="dask", address="tcp://10.0.0.1:8786"))
     assert isinstance(runner, DaskTaskRunner) and runner.address == "tcp://10.0.0.1:8786"
+
+
+def test_ray_without_its_extra_fails_in_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)   # what an environment without the extra has
+    from schemas.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        task_runner_for(RunnerConfig(kind="ray", address="ray://head:10001"))
+    assert str(caught.value) == "runner.kind=ray needs the ray extra: pip install -e '.[ray]'"
+    assert caught.value.__suppress_context__      # no ImportError traceback printed above it
+    # the extra the message names exists and brings the Ray task runner
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert any(r.startswith("prefect-ray") for r in pyproject["project"]["optional-dependencies"]["ray"])
+
+
+def test_a_run_with_a_runner_that_cannot_exist_stops_before_any_work(monkeypatch, synth_corpus, tmp_path, capsys):
+    """acepipe run with runner.kind=ray and no ray: one error line, exit 2, nothing ingested."""
+    from flows.cli import main
+
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)
+    work = tmp_path / "work"
+    rc = main(["run", "--config", "tiny", "--source", str(synth_corpus / "audio"), "--work", str(work),
+               "--set", "runner.kind=ray"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["acepipe: error: runner.kind=ray needs the ray extra: pip install -e '.[ray]'"]
+    assert not list(work.rglob("*.parquet"))
+
+
+def test_ray_runner_joins_the_configured_cluster_or_starts_its_own(monkeypatch):
+    """prefect_ray stubbed: RayTaskRunner records what it was built with."""
+    from schemas.config import load_config
+
+    built = []
+
+    class RayTaskRunner:
+        def __init__(self, *args, **kwargs):
+            built.append((args, kwargs))
+
+    stub = types.ModuleType("prefect_ray")
+    stub.RayTaskRunner = RayTaskRunner
+    monkeypatch.setitem(sys.modules, "prefect_ray", stub)
+    cfg = load_config("tiny", ["runner.kind=ray", "runner.address=ray://head:10001", "runner.max_workers=7"],
+                      environ={})
+    assert isinstance(task_runner_for(cfg.runner), RayTaskRunner)
+    assert built == [((), {"address": "ray://head:10001"})]
+    # no address: Ray's default (a local Ray); max_workers sizes threads and local Dask only
+    task_runner_for(RunnerConfig(kind="ray", max_workers=7))
+    assert built[1] == ((), {})
 
 
 def test_an_unknown_runner_kind_is_a_config_error():
