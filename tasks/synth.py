@@ -358,6 +358,13 @@ def generate_corpus(out_dir: str | Path, n: int = 12, seed: int = 0) -> dict:
     """Write the corpus under out_dir and return its ground truth (also ground_truth.json)."""
     out = Path(out_dir)
     audio_dir = out / "audio"
+    if audio_dir.exists():
+        # a corpus written before (its ground truth is there) is replaced whole, so no song of a
+        # larger earlier corpus stays on disk without ground truth; anything else is not ours
+        if not (out / "ground_truth.json").is_file():
+            raise FileExistsError(f"{audio_dir} exists and is not a synthetic corpus (no ground_truth.json "
+                                  "beside it): choose a new directory")
+        shutil.rmtree(audio_dir)
     audio_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     has_ffmpeg = shutil.which("ffmpeg") is not None
