@@ -121,25 +121,46 @@ def test_new_files_run_only_new_partitions(prefect_harness, synth_corpus, tmp_pa
     assert second["new_tracks"] == 1 and second["new_partitions"] == 1
     assert second["partitions"] == first["partitions"] + 1
     for s in second["stages"]:
-        if s["stage"] != "ingest":
-            assert s["partitions_run"] <= 1 and s["partitions_skipped"] == first["partitions"], s
+        if s["stage"] != "ingest":   # the new partition ran (empty or not), the old ones did not
+            assert (s["partitions_run"], s["partitions_skipped"]) == (1, first["partitions"]), s
+    # the new partition's probe output holds the new file, with its own verdict
+    newest = max((work / "stages" / "probe").rglob("part-*.parquet"), key=partition_of)
+    assert partition_of(newest) == first["partitions"]
+    [late] = [r for r in pq.read_table(newest).to_pylist()]
+    assert late["status"] == "rejected" and late["reason"].partition(": ")[2], late
 
 
-def test_version_bump_reruns_only_that_stage(clean_run, synth_corpus, tmp_path,
-                                            base_overrides, monkeypatch):
-    from tasks.probe import ProbeStage
+def test_version_bump_reruns_only_that_stage_and_its_dependants(clean_run, synth_corpus, tmp_path,
+                                                              base_overrides, monkeypatch):
+    """Bump rhythm's version: rhythm and what reads it (caption) run again, with the outputs of the
+    clean run; probe, aesthetics, transcribe and lyrics are skipped."""
+    from tasks.rhythm import RhythmStage
+    from tasks.stage import stage_class
 
-    first, clean_work, _ = clean_run
+    first, clean_work, clean_tables = clean_run
     work = tmp_path / "work"
     shutil.copytree(clean_work, work)
-    monkeypatch.setattr(ProbeStage, "version", ProbeStage.version + "-bumped")
+    monkeypatch.setattr(RhythmStage, "version", RhythmStage.version + "-bumped")
     second = run_curate(base_overrides, work, [str(synth_corpus / "audio")])
-    rows = {s["stage"]: s for s in second["stages"]}
-    assert rows["probe"]["partitions_run"] == first["partitions"]
-    # every stage downstream of probe depends on it, so they re-run as well
+    rows = {s["stage"]: s for s in second["stages"] if s["stage"] != "ingest"}
+    # the stages that read rhythm, directly or through another stage, from their declared inputs
+    reads = {"rhythm"}
+    for name in dag_order(list(rows)):
+        if reads & set(stage_class(name).inputs):
+            reads.add(name)
+    assert reads == {"rhythm", "caption"}
     for name, s in rows.items():
-        if name not in ("ingest", "probe"):
-            assert s["partitions_run"] == first["partitions"], s
+        expected = (first["partitions"], 0) if name in reads else (0, first["partitions"])
+        assert (s["partitions_run"], s["partitions_skipped"]) == expected, s
+    # the re-run stages wrote new outputs (new keys) holding what the clean run computed
+    for name in reads:
+        new = {p.parent.name for p in (work / "stages" / name).rglob("part-*.parquet")} - \
+              {p.parent.name for p in (clean_work / "stages" / name).rglob("part-*.parquet")}
+        assert len(new) == 1, (name, new)
+        for path in sorted((work / "stages" / name / new.pop()).glob("part-*.parquet")):
+            old = next(k for k in clean_tables if k.startswith(f"stages/{name}/") and k.endswith(path.name))
+            got = sorted(pq.read_table(path).to_pylist(), key=lambda r: r["track_id"])
+            assert_close(got, clean_tables[old], str(path))
 
 
 def stage_tables(work: Path) -> dict[str, list[dict]]:
@@ -288,8 +309,9 @@ def assert_close(a, b, where: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_without_loss_or_duplicates(synth_corpus, tmp_path, tiny_models_dir):
-    """Kill `acepipe run` once some partitions are done; the rerun redoes only the rest."""
+def test_a_killed_run_resumes_without_loss_or_duplicates(clean_run, synth_corpus, tmp_path, tiny_models_dir):
+    """Kill `acepipe run` once some partitions are done; the rerun redoes only the rest and ends
+    with what an uninterrupted run computes, each track once per stage."""
     import os
     import signal
     import subprocess
@@ -326,3 +348,19 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(synth_corpus, tmp_path,
     assert summary["tracks"] == summary["ok"] + summary["rejected"] + summary["error"]
     truth = json.loads((synth_corpus / "ground_truth.json").read_text())
     assert summary["tracks"] == sum(1 for s in truth["songs"] if s["kind"] != "duplicate")
+    # stage by stage, track by track: the same rows as the clean run (which used other partitions)
+    resumed, clean = by_stage_and_track(work), by_stage_and_track(clean_run[1])
+    assert resumed.keys() == clean.keys()
+    for name in clean:
+        assert_close(resumed[name], clean[name], name)
+
+
+def by_stage_and_track(work: Path) -> dict[str, dict[str, dict]]:
+    """{stage: {track_id: row}} over every partition; a track written twice fails here."""
+    out: dict[str, dict[str, dict]] = {}
+    for path in sorted((work / "stages").rglob("part-*.parquet")):
+        rows = out.setdefault(path.relative_to(work / "stages").parts[0], {})
+        for row in pq.read_table(path).to_pylist():
+            assert row["track_id"] not in rows, (path, row["track_id"])
+            rows[row["track_id"]] = row
+    return out
