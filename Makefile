@@ -8,7 +8,7 @@ export DO_NOT_TRACK := 1
 # The first start of Prefect's local server migrates a new SQLite database: give it time.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 600
 
-.PHONY: setup demo demo-curate test test-fast bench clean
+.PHONY: setup demo demo-curate test test-fast mutation bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt requirements-nodeps.txt scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -29,6 +29,13 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# Mutation testing of the modules where a silent bug costs most (not in CI: minutes per module).
+# `make mutation MODULES=model/flow.py` for one; scripts/mutation.py --help for the options.
+MUTMUT_VERSION := 3.8.1
+mutation: setup
+	$(PY) -c "import importlib.metadata as m; assert m.version('mutmut') == '$(MUTMUT_VERSION)'" 2>/dev/null || $(VENV)/bin/pip install -q -c constraints.txt mutmut==$(MUTMUT_VERSION)
+	$(PY) scripts/mutation.py $(MODULES)
 
 clean:
 	rm -rf work data/synth .cache
