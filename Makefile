@@ -25,7 +25,7 @@ demo-curate: setup data/synth/ground_truth.json
 	$(VENV)/bin/acepipe run --config tiny
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow"

@@ -23,8 +23,10 @@ fi
 PIP="$VENV/bin/python -m pip"
 # torch is pinned by constraints.txt to the CPU wheel: unpinned, the resolver picks a
 # multi-GB CUDA build. torchaudio must never be installed (see README, developer notes).
-$PIP install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
-$PIP install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+# --no-compile: Python compiles what is imported on first use; compiling every installed file up
+# front (torch, transformers, prefect) costs a minute of set-up for modules never imported.
+$PIP install -q --no-compile --disable-pip-version-check -c constraints.txt -e '.[dev]'
+$PIP install -q --no-compile --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 if $PIP show torchaudio >/dev/null 2>&1; then
   echo "setup: torchaudio got installed (it breaks diffusers with torch 2.13); removing it" >&2
   $PIP uninstall -y -q torchaudio

@@ -258,7 +258,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_cfg, latent_
         proc.wait()
     saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)   # never half-written
     step = saved["global_step"]
-    assert step >= 15 and step % 5 == 0
+    # last.ckpt is written after the step file, so a kill in between leaves it one checkpoint behind
+    assert step >= 10 and step % 5 == 0
     rc = subprocess.run(cmd[:cmd.index("--max-steps")] + ["--max-steps", str(step + 3), "--resume"]
                         + cmd[cmd.index("--max-steps") + 2:], cwd=repo, capture_output=True, text=True,
                         env=dict(os.environ, OMP_NUM_THREADS="1"))
