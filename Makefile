@@ -24,11 +24,14 @@ demo: setup data/synth/ground_truth.json
 demo-curate: setup data/synth/ground_truth.json
 	$(VENV)/bin/acepipe run --config tiny
 
+# The suite runs on one core per worker: TEST_WORKERS pytest-xdist workers, one test file each at
+# a time (module fixtures are built once). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: setup
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(VENV)/bin/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 # Mutation testing of the modules where a silent bug costs most (not in CI: minutes per module).
 # `make mutation MODULES=model/flow.py` for one; scripts/mutation.py --help for the options.

@@ -89,8 +89,15 @@ def build_tiny(name: str, tiny_dir: str | Path, force: bool = False) -> Path:
         try:
             _builder(name)(tmp)
             if target.exists():
+                if not force:
+                    return target   # another process built it meanwhile: never pull it from under a reader
                 shutil.rmtree(target)
-            tmp.rename(target)
+            try:
+                tmp.rename(target)
+            except OSError:
+                if force or not target.exists():
+                    raise
+                # another process renamed its build in first: keep that one
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

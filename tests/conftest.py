@@ -25,8 +25,16 @@ def synth_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory) -> Path:
-    """One directory of tiny twins for the whole session (built on first use)."""
-    return Path(os.environ.get("ACEPIPE_TEST_TINY_DIR") or tmp_path_factory.mktemp("tiny-models"))
+    """One directory of tiny twins for the whole session (built on first use). Under pytest-xdist
+    the workers share one (each twin is built atomically; the first build wins), so no twin is
+    built twice."""
+    if os.environ.get("ACEPIPE_TEST_TINY_DIR"):
+        return Path(os.environ["ACEPIPE_TEST_TINY_DIR"])
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "tiny-models"
+        shared.mkdir(exist_ok=True)
+        return shared
+    return tmp_path_factory.mktemp("tiny-models")
 
 
 @pytest.fixture
@@ -51,3 +59,13 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files of slow end-to-end tests first, wholly slow files (the README's commands) before files
+    with a few (order inside a file kept): under pytest-xdist the longest files then start at once
+    instead of ending the run alone on one worker."""
+    slow, fast = set(), set()
+    for item in items:
+        (slow if item.get_closest_marker("slow") else fast).add(item.path)
+    items.sort(key=lambda item: (item.path in fast) + (item.path not in slow))
