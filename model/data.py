@@ -1,8 +1,9 @@
 """The LightningDataModule over latent shards (stage 8's output, read by the train stage).
 
 Reads `<shards>/index.parquet` (shard, track_id, frames) and the WebDataset tars beside it.
-Training streams an infinite, resampled, shuffled sequence split by node and worker (so DDP
-ranks and loader workers never need an epoch boundary), randomly cropped to `max_frames`.
+Training streams an infinite, resampled, shuffled sequence (so DDP ranks and loader workers
+never need an epoch boundary), randomly cropped to `max_frames`; each DDP rank resamples only
+its own disjoint share of the tracks (`rank_share`).
 Validation is a few tracks held out by track_id hash (or, in a corpus too small to hold any
 out, the first few tracks), loaded once, cropped from the start. Batches are padded to the
 longest item with a frame mask; lyrics are tokenised here, prompts in the LightningModule.
@@ -112,6 +113,27 @@ class Collate:
         return batch
 
 
+def rank_share(index: list[dict], root: Path, held_out: set[str], rank: int, world: int
+               ) -> tuple[list[str], set[str]]:
+    """The shards a data-parallel rank reads and the training tracks it keeps from them: disjoint
+    across ranks. With at least one shard per rank, whole shards (round robin); with fewer, every
+    shard, and the tracks split by track_id hash. A rank left with no track is an error (it would
+    wait forever for a first batch)."""
+    shards = sorted({row["shard"] for row in index})
+    if world > 1 and len(shards) >= world:
+        own = set(shards[rank::world])
+        tracks = {row["track_id"] for row in index if row["shard"] in own}
+    else:
+        own = set(shards)
+        tracks = {row["track_id"] for row in index
+                  if world == 1 or int(hashlib.sha1(row["track_id"].encode()).hexdigest()[8:16], 16) % world == rank}
+    tracks -= held_out
+    if not tracks:
+        raise ShardError(f"rank {rank} of {world} has no training track ({len(index)} tracks in "
+                         f"{len(shards)} shards, {len(held_out)} held out): train on fewer devices or more data")
+    return [str(root / name) for name in sorted(own)], tracks
+
+
 class LatentDataModule(L.LightningDataModule):
     def __init__(self, cfg: TrainConfig, tokenizer: LyricTokenizer):
         super().__init__()
@@ -136,7 +158,7 @@ class LatentDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None):
         if hasattr(self, "shard_urls"):
             return
-        index = self.read_index()
+        index = self.index = self.read_index()
         self.shard_urls = sorted({str(self.root / row["shard"]) for row in index})
         missing = [u for u in self.shard_urls if not Path(u).is_file()]
         if missing:
@@ -194,23 +216,30 @@ class LatentDataModule(L.LightningDataModule):
     def train_dataloader(self):
         import webdataset as wds
 
-        names, max_frames, held = self.target_names, self.cfg.data.max_frames, self.held_out
+        names, max_frames = self.target_names, self.cfg.data.max_frames
+        rank, world = self._rank_and_world()
+        urls, mine = rank_share(self.index, self.root, self.held_out, rank, world)
         rng = random.Random()   # reseeded per worker below
 
         def pipeline(src):
             for raw in src:
-                if raw["__key__"] in held:
-                    continue
-                yield crop(decode_sample(raw, names), max_frames, rng, names)
+                if raw["__key__"] in mine:
+                    yield crop(decode_sample(raw, names), max_frames, rng, names)
 
-        dataset = (wds.WebDataset(self.shard_urls, resampled=True, shardshuffle=False,
-                                  nodesplitter=wds.split_by_node, seed=self.cfg.seed)
+        # Resampled shards are an independent random stream per process, so a node splitter
+        # cannot make ranks disjoint; each rank resamples only its own share (rank_share).
+        dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=None,
+                                  seed=self.cfg.seed)
                    .shuffle(self.cfg.data.shuffle_buffer)
                    .compose(pipeline)
                    .batched(self.cfg.data.batch_size, collation_fn=self.collate, partial=False))
         return wds.WebLoader(dataset, batch_size=None, num_workers=self.cfg.data.num_workers,
                              persistent_workers=self.cfg.data.num_workers > 0,
                              worker_init_fn=lambda w: rng.seed(torch.initial_seed() + w))
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(self.val_samples, batch_size=self.cfg.data.batch_size,

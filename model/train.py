@@ -120,9 +120,10 @@ def fit(cfg: TrainConfig, out: str | Path, resume: bool = False, callbacks=()) -
             print(f"train: resuming from {last}", flush=True)
         else:
             print(f"train: --resume but no {last}; starting from scratch", flush=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     module, data = build(cfg, out)
     trainer = make_trainer(cfg, out, callbacks)
+    if trainer.is_global_zero:   # under DDP every rank runs this function; one writes
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     final = {"step": trainer.global_step,
              "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items())},
