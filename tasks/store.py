@@ -169,61 +169,65 @@ class StageStore:
     # -- a lock for work that must not overlap (ingest appends partitions) -------------
     @contextlib.contextmanager
     def lock(self, name: str, timeout_s: float = 600.0, poll_s: float = 0.5):
-        """An exclusive lock file under the root (O_EXCL create), so two runs on one work
-        root never both append partition N. A lock left by a dead process on this host is
-        broken. Object stores have no exclusive create: run one ingest at a time there."""
-        if not self.local:
-            yield
-            return
-        path = os.path.join(self.root, f".lock-{name}")
-        os.makedirs(self.root, exist_ok=True)
+        """An exclusive lock file under the root, so two runs on one work root never both append
+        partition N: an O_EXCL create on a local disk, a conditional create (If-None-Match: *)
+        on an object store. A lock left by a dead process on this host is broken."""
+        path = self.path(f".lock-{name}")
+        self.fs.makedirs(self.root, exist_ok=True)
         deadline = time.monotonic() + timeout_s
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
         told = False
-        while True:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                with os.fdopen(fd, "w") as fh:
-                    json.dump(me, fh)
-                break
-            except FileExistsError:
-                if self._stale(path):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-                    continue
-                if time.monotonic() > deadline:
-                    raise StoreError(f"{path} is held by another run ({self._owner(path)}) for over "
-                                     f"{timeout_s:.0f} s; if no run is active, delete the file") from None
-                if not told:     # a run that waits says for whom, once
-                    log.warning("waiting for the %s lock of %s, held by %s", name, self.url, self._owner(path))
-                    told = True
-                time.sleep(poll_s)
+        while not self._create_exclusive(path, me):
+            if self._stale(path):
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(path)
+                continue
+            if time.monotonic() > deadline:
+                raise StoreError(f"{self.url}/.lock-{name} is held by another run ({self._owner(path)}) for "
+                                 f"over {timeout_s:.0f} s; if no run is active, delete the file")
+            if not told:     # a run that waits says for whom, once
+                log.warning("waiting for the %s lock of %s, held by %s", name, self.url, self._owner(path))
+                told = True
+            time.sleep(poll_s)
         try:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+                self.fs.rm(path)
 
-    @staticmethod
-    def _read_owner(path: str) -> dict | None:
+    def _create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create `path` holding `data` unless it exists (then False), atomically."""
+        try:
+            if self.local:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+            else:
+                self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError) as exc:   # a filesystem without exclusive create
+            raise StoreError(f"work root {self.url!r}: {type(self.fs).__name__} cannot create a file "
+                             f"only if it is absent ({exc}), so two runs could both append a partition; "
+                             "use a local path or an S3 store that honours If-None-Match") from None
+        return True
+
+    def _read_owner(self, path: str) -> dict | None:
         """The lock file's {pid, host, since}; None while it is being written (or just went)."""
         try:
-            with open(path) as fh:
-                return json.load(fh)
+            return json.loads(self.fs.cat_file(path))
         except (OSError, ValueError):
             return None
 
-    @classmethod
-    def _owner(cls, path: str) -> str:
-        owner = cls._read_owner(path)
+    def _owner(self, path: str) -> str:
+        owner = self._read_owner(path)
         if owner is None:
             return "a run starting right now"
         return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since', '?')}"
 
-    @classmethod
-    def _stale(cls, path: str) -> bool:
-        owner = cls._read_owner(path)
+    def _stale(self, path: str) -> bool:
+        owner = self._read_owner(path)
         if owner is None:
             return False  # being written right now
         if owner.get("host") != socket.gethostname():
