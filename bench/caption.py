@@ -33,7 +33,15 @@ RELEASED_THINKER = {
                       "out_hidden_size": 3584},
 }
 AUDIO_TOKENS_PER_S = 25      # 10 ms mel frames, conv stride 2, pooling 2
-PROMPT_TOKENS = 220          # system + default prompt + chat markup, Qwen2 tokenizer (approx.)
+CHARS_PER_TOKEN = 4          # English text in Qwen2's BPE, roughly (the twin's tokenizer is not Qwen2's)
+
+
+def prompt_tokens() -> int:
+    """System + default prompt (with ACE-Step's variants and an example answer) + chat markup, approx."""
+    from schemas.caption import CaptionConfig
+
+    cfg = CaptionConfig()
+    return (len(cfg.system_prompt) + len(cfg.prompt)) // CHARS_PER_TOKEN + 20
 
 
 def gib(n_bytes: float) -> str:
@@ -55,7 +63,7 @@ def released_memory(batch: int, clip_s: float, max_new_tokens: int) -> list[str]
     text = config.text_config
     head_dim = text.hidden_size // text.num_attention_heads
     kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2  # k and v, bf16
-    prompt = int(clip_s * AUDIO_TOKENS_PER_S) + PROMPT_TOKENS
+    prompt = int(clip_s * AUDIO_TOKENS_PER_S) + prompt_tokens()
     kv = batch * (prompt + max_new_tokens) * kv_per_token
     full_logits = batch * prompt * text.vocab_size * 2  # bf16, what the thinker's own lm_head would give
     mlp = batch * prompt * text.intermediate_size * 2 * 3  # gate, up and their product during prefill
@@ -138,8 +146,12 @@ def main() -> None:
         finally:
             os.kill(server.pid, 15)
             server.wait(timeout=10)
-    print("\nreleased Qwen2.5-Omni-7B thinker on a GPU (batch 8, 30 s clips, 256 new tokens):")
-    for line in released_memory(8, 30.0, 256):
+    from schemas.caption import CaptionConfig
+
+    new_tokens = CaptionConfig().max_new_tokens
+    print(f"\nreleased Qwen2.5-Omni-7B thinker on a GPU (batch 8, 30 s clips, {new_tokens} new tokens, "
+          f"~{prompt_tokens()} prompt text tokens):")
+    for line in released_memory(8, 30.0, new_tokens):
         print("  " + line)
 
 

@@ -13,16 +13,38 @@ from schemas.common import stage_schema
 QWEN_SYSTEM_PROMPT = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
                       "perceiving auditory and visual inputs, as well as generating text and speech.")
 
+# One answer holds the stage's own fields and ACE-Step's description variants, the keys its
+# trainer reads as `recaption` (acestep/text2music_dataset.py picks one non-empty variant or
+# the joined tags per step). The variants' definitions and the rule to ignore the lyrics are
+# quoted from the Qwen-Omni prompt in ACE-Step's TRAIN_INSTRUCTION.md (sys_prompt_without_tag);
+# its `analysis` lists are our genre/instruments/mood lists; its analysis.tempo and
+# lyrical_rap_check are not asked for (the rhythm stage measures tempo; nothing reads the check).
+RECAPTION_KEYS = ("simplified", "expanded", "descriptive", "synonyms", "use_cases")
+
 CAPTION_PROMPT = (
-    "Listen to this piece of music and caption it for a music dataset. Reply with one JSON object "
-    "and nothing else, with these keys:\n"
+    "Analyze the input audio and caption it for a music dataset. Strictly ignore any information derived "
+    "solely from the lyrics: describe only the audible musical elements. Reply with one JSON object and "
+    "nothing else, with these keys:\n"
     '"description": two or three sentences on what is heard (instruments, vocals, arrangement) and its mood;\n'
-    '"genre": a list of genres; "instruments": a list of the instruments heard; '
-    '"vocals": a list describing the voices (e.g. "female vocals", "choir"), or ["instrumental"] if there are none; '
-    '"mood": a list of mood words; "tags": a list of any other short descriptive phrases.\n'
+    '"genre": a list of genres; "instruments": a list of the instruments actually heard playing (not those '
+    'merely mentioned or sung about in the lyrics); "vocals": a list describing the voices (e.g. "female vocals", '
+    '"choir"), or ["instrumental"] if there are none; "mood": a list of mood words; "tags": a list of any '
+    "other short descriptive phrases;\n"
+    "and five description variants of those tags (genre, instruments, vocals, mood, tags), each one "
+    "string of under 200 characters:\n"
+    '"simplified": Use only one most representative tag from the valid set.\n'
+    '"expanded": Broaden valid tags to include related sub-genres/techniques.\n'
+    '"descriptive": Convert tags into a sensory-rich sentence based only on the sound. '
+    "Do not transcribe or reference the lyrics.\n"
+    "\"synonyms\": Replace tags with equivalent terms (e.g., 'strings' -> 'orchestral').\n"
+    '"use_cases": Suggest practical applications based on audio characteristics.\n'
     'Example: {"description": "An upbeat pop song with bright synths and a female singer.", '
     '"genre": ["pop"], "instruments": ["synthesizer", "drums"], "vocals": ["female vocals"], '
-    '"mood": ["happy", "energetic"], "tags": ["dance"]}'
+    '"mood": ["happy", "energetic"], "tags": ["dance"], "simplified": "pop", '
+    '"expanded": "synth-pop, dance pop, electropop, four-on-the-floor beat", '
+    '"descriptive": "Bright shimmering synths over a punchy dance beat, a clear female voice soaring above.", '
+    '"synonyms": "electronic pop, keyboards, percussion, upbeat", '
+    '"use_cases": "workout playlists, party background, upbeat commercials"}'
 )
 
 TAG_SYNONYMS = {
@@ -59,9 +81,11 @@ class CaptionConfig(BaseModel):
                           "of the track (the whole track when shorter)")
     system_prompt: str = Field(QWEN_SYSTEM_PROMPT, description="system message")
     prompt: str = Field(CAPTION_PROMPT, description="user instruction after the audio; it must ask for JSON "
-                        "or Description:/Genre:/Instruments:/Vocals:/Mood:/Tags: lines (what the parser reads)")
-    max_new_tokens: int = Field(256, ge=1, description="generation cap per track (a JSON caption "
-                                "from the released model takes about 100-150 tokens)")
+                        "or Description:/Genre:/Instruments:/Vocals:/Mood:/Tags: lines (what the parser reads), "
+                        "with ACE-Step's variants (simplified, expanded, descriptive, synonyms, use_cases) as "
+                        "string keys or lines: the recaption column")
+    max_new_tokens: int = Field(512, ge=1, description="generation cap per track (the default prompt's answer: "
+                                "about 900-1,800 characters of JSON, some 250-450 Qwen2 tokens)")
     retry_max_new_tokens: int | None = Field(
         None, ge=1, description="an answer cut at max_new_tokens (it ran out of tokens before its end "
         "token; OpenAI finish_reason 'length') is generated once more with this cap; null = twice "
@@ -98,6 +122,10 @@ class CaptionConfig(BaseModel):
         return self.retry_max_new_tokens or 2 * self.max_new_tokens
 
 
+# ACE-Step's description variants as one column; a variant the answer lacks (or gave as a
+# non-string) is null, and the whole struct is null when the answer has none.
+RECAPTION = pa.struct([(k, pa.string()) for k in RECAPTION_KEYS])
+
 CAPTION_SCHEMA = stage_schema(
     pa.field("description", pa.string()),
     pa.field("tags", pa.list_(pa.string())),         # every phrase below, normalised, plus BPM/key words
@@ -105,6 +133,9 @@ CAPTION_SCHEMA = stage_schema(
     pa.field("instruments", pa.list_(pa.string())),
     pa.field("vocals", pa.list_(pa.string())),       # e.g. ["female vocals"] or ["instrumental"]
     pa.field("mood", pa.list_(pa.string())),
+    pa.field("recaption", RECAPTION),
+    pa.field("finish_reason", pa.string()),          # stop | length (cut at the token cap), as the backend
+                                                     # said; null when no answer came (bad audio, 4xx)
     pa.field("clip_start", pa.float32()),            # seconds: where the heard clip starts
     pa.field("clip_s", pa.float32()),                # seconds heard
     pa.field("raw", pa.string()),                    # the model's text, always kept for debugging

@@ -2,8 +2,10 @@
 
 Runs on tracks that aesthetics kept, after rhythm (its BPM and key phrases are merged into
 the tags). The model hears caption.clip_s seconds from the middle of the track (16 kHz
-mono from our loader) and answers caption.prompt; `parse_caption` reads a JSON object or
-`Description:/Genre:/...` lines from its text, and the phrases are normalised into tags.
+mono from our loader) and answers caption.prompt in one generation: a JSON object with the
+description, the phrase lists and ACE-Step's description variants, which
+tasks/caption_parse.py reads into `description`, `tags` (phrases normalised) and `recaption`
+(the keys ACE-Step's trainer reads); `finish_reason` says whether the answer ended or was cut.
 Two backends give the same rows:
   - transformers: the Qwen2.5-Omni *thinker* only (text out; the talker and token2wav are
     never built) with its processor, batched generate() in this process;
@@ -20,8 +22,6 @@ Reason codes beyond schemas.common.REASONS:
 """
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,131 +33,17 @@ from transformers import Qwen2_5OmniProcessor
 from schemas.caption import CAPTION_SCHEMA, CaptionConfig
 from schemas.common import STATUS_ERROR, STATUS_OK, STATUS_REJECTED
 from tasks import audio
+from tasks.caption_parse import MalformedCaption, caption_fields
 from tasks.models import loading, resolve_checkpoint, resolve_device
 from tasks.stage import Stage
 
 SAMPLE_RATE = 16000          # the processor's WhisperFeatureExtractor rate
-LIST_FIELDS = ("genre", "instruments", "vocals", "mood", "tags")
-# what models write instead of our key names
-FIELD_ALIASES = {"caption": "description", "summary": "description", "genres": "genre",
-                 "instrument": "instruments", "instrumentation": "instruments", "vocal": "vocals",
-                 "voice": "vocals", "voices": "vocals", "moods": "mood", "tag": "tags", "keywords": "tags"}
 # Token ids of the released tokenizer that the thinker's config refers to.
 VISION_START_TOKEN_ID = 151652
 # The special tokens Qwen2_5OmniProcessor reads off its tokenizer, as released.
 PROCESSOR_TOKENS = {"image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
                     "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
                     "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
-
-
-# ---- parsing the model's text --------------------------------------------------------------
-
-class MalformedCaption(ValueError):
-    """The model's text holds no usable caption; the message says what was missing."""
-
-
-def _field(name: str) -> str:
-    name = re.sub(r"[\s_]+", "_", name.strip().lower())
-    return FIELD_ALIASES.get(name, name)
-
-
-def _json_object(text: str) -> dict | None:
-    """The first JSON object in the text that has a caption key (fences and chatter around it are fine)."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        try:
-            obj, _ = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            obj = {_field(str(k)): v for k, v in obj.items()}
-            if "description" in obj or any(k in obj for k in LIST_FIELDS):
-                return obj
-    return None
-
-
-_LABEL = re.compile(r"^[\s>*#-]*([A-Za-z_ ]{3,20}?)\s*\**\s*:\s*\**\s*(.*)$")  # '- **Genre:** x'
-
-
-def _labelled_lines(text: str) -> dict | None:
-    """`Description: ...` / `Tags: a, b` lines; a description may run on over following lines."""
-    found: dict = {}
-    last = None
-    for line in text.splitlines():
-        m = _LABEL.match(line)
-        key = _field(m.group(1)) if m else None
-        if key in ("description", *LIST_FIELDS):
-            found[key] = m.group(2).strip()
-            last = key
-        elif last == "description" and line.strip():
-            found["description"] += " " + line.strip()
-        else:
-            last = None
-    return found or None
-
-
-def _phrases(value, key: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [p.strip() for p in re.split(r"[,;\n]|\s+/\s+", value) if p.strip()]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [str(value)]
-    if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
-                                       for v in value):
-        return [str(v).strip() for v in value]
-    raise MalformedCaption(f"{key!r} is a {type(value).__name__}, not a list of phrases")
-
-
-def parse_caption(text: str) -> dict:
-    """{'description': str, 'genre': [...], 'instruments', 'vocals', 'mood', 'tags'} from the
-    model's answer: a JSON object (bare, fenced, or amid chatter) or labelled lines.
-    Raises MalformedCaption when there is no description or no phrase at all."""
-    obj = _json_object(text) or _labelled_lines(text)
-    if obj is None:
-        raise MalformedCaption("no JSON object and no 'Description:' line")
-    description = obj.get("description")
-    if not isinstance(description, str) or not description.strip():
-        raise MalformedCaption("no description")
-    parsed = {"description": " ".join(description.split())}
-    for key in LIST_FIELDS:
-        parsed[key] = _phrases(obj.get(key), key)
-    if not any(parsed[k] for k in LIST_FIELDS):
-        raise MalformedCaption("no genre, instruments, vocals, mood or tags")
-    return parsed
-
-
-def normalise_tags(phrases: list[str], synonyms: dict[str, str] | None = None,
-                   max_words: int = 4) -> list[str]:
-    """Lower-case, trimmed, one space between words, synonyms mapped, duplicates dropped (order kept)."""
-    synonyms = synonyms or {}
-    out: list[str] = []
-    for phrase in phrases:
-        tag = " ".join(str(phrase).replace("_", " ").lower().split()).strip(" \"'`.,;:!?()[]{}*#-")
-        tag = synonyms.get(tag, tag)
-        if tag and len(tag.split()) <= max_words and tag not in out:
-            out.append(tag)
-    return out
-
-
-def caption_fields(raw: str, rhythm: dict | None, cfg: CaptionConfig) -> dict:
-    """The stage's fields for one track from the model's text (MalformedCaption if unusable,
-    unless caption.on_malformed keeps the raw text as the description)."""
-    try:
-        parsed = parse_caption(raw)
-    except MalformedCaption:
-        if cfg.on_malformed != "keep_raw" or not raw.strip():
-            raise
-        parsed = {"description": " ".join(raw.split()), **{key: [] for key in LIST_FIELDS}}
-    fields = {"description": parsed["description"]}
-    for key in LIST_FIELDS:
-        fields[key] = normalise_tags(parsed[key], cfg.synonyms, cfg.max_tag_words)
-    rhythm = rhythm or {}
-    musical = normalise_tags([p for p in (rhythm.get("tempo_phrase"), rhythm.get("key_phrase")) if p])
-    heard = normalise_tags([t for k in LIST_FIELDS for t in fields[k]], max_words=cfg.max_tag_words)
-    heard = [t for t in heard if t not in musical][:max(cfg.max_tags - len(musical), 0)]
-    fields["tags"] = heard + musical
-    return fields
 
 
 # ---- the transformers backend: Qwen2.5-Omni thinker + processor -----------------------------
@@ -323,7 +209,8 @@ def clip_window(duration: float, clip_s: float) -> tuple[float, float]:
 
 class CaptionStage(Stage):
     name = "caption"
-    version = "2"                # 2: cut answers retried / truncated_caption; audio frames as the reference
+    version = "3"                # 2: cut answers retried / truncated_caption; audio frames as the reference
+                                 # 3: one answer also holds ACE-Step's variants: recaption, finish_reason
     inputs = ("aesthetics", "rhythm")
     schema = CAPTION_SCHEMA
     uses_gpu = True
@@ -372,7 +259,7 @@ class CaptionStage(Stage):
         row = {"track_id": track["track_id"], "backend": cfg.backend, "model": self.model_name}
         if isinstance(answer, Exception):
             return {**row, "status": STATUS_ERROR, "reason": f"server_rejected: {str(answer)[:300]}"}
-        row["raw"] = answer.text
+        row["raw"], row["finish_reason"] = answer.text, answer.finish_reason
         if answer.truncated and cfg.on_malformed != "keep_raw":
             tokens = answer.completion_tokens or cfg.retry_budget
             retried = (f"after a retry at caption.retry_max_new_tokens={cfg.retry_budget}"

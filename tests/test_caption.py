@@ -2,8 +2,10 @@
 (and no talker) through the real code, hears synthetic songs through the processor and
 generates in batches, feeding and answering as the stock transformers processor and thinker
 do (parity); an answer cut at max_new_tokens is retried once with the larger budget and is a
-truncated_caption reject if still cut; the parser and normaliser turn answers into tags; a
-random twin's gibberish is kept as raw text; bad audio is a reject."""
+truncated_caption reject if still cut; a structured answer becomes a row with its tags, ACE-Step's
+variants (recaption) and its finish_reason, written as the runner writes it; a random twin's
+gibberish is kept as raw text with a null recaption; bad audio is a reject. (Reading answers:
+test_caption_parse.py.)"""
 from __future__ import annotations
 
 import hashlib
@@ -18,28 +20,22 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from schemas.caption import CAPTION_SCHEMA, CaptionConfig
+from schemas.caption import CAPTION_SCHEMA, RECAPTION_KEYS, CaptionConfig
 from schemas.common import STATUS_OK, STATUS_REJECTED
 from schemas.config import load_config
 from tasks import audio
-from tasks.caption import (
-    CaptionStage,
-    Generation,
-    MalformedCaption,
-    OmniThinker,
-    caption_fields,
-    clip_window,
-    normalise_tags,
-    parse_caption,
-    thinker_config,
-)
+from tasks.caption import CaptionStage, Generation, OmniThinker, clip_window, thinker_config
 from tasks.models import ModelLoadError, resolve_checkpoint
 
 TINY = ["device=cpu", "caption.checkpoint=tiny:qwen_omni", "caption.max_new_tokens=16",
         "caption.batch_size=4", "caption.clip_s=10"]
+GOOD_VARIANTS = {"simplified": "dance pop", "expanded": "dance pop, synth-pop, electropop, club beat",
+                 "descriptive": "Glossy synth chords and a punchy kick under a bright, confident female voice.",
+                 "synonyms": "electronic pop, keyboards, upbeat, party", "use_cases": "club playlists, workout videos"}
 GOOD_JSON = ('Sure! Here is the caption:\n```json\n{"description": "A bright pop song with synths and a '
              'female singer.", "genre": ["Pop", "Dance Pop"], "instruments": ["Synth", "drum kit", "bass"], '
-             '"vocals": "female singer", "mood": ["happy", "Energetic"], "tags": ["club", "POP"]}\n```')
+             '"vocals": "female singer", "mood": ["happy", "Energetic"], "tags": ["club", "POP"], '
+             + json.dumps(GOOD_VARIANTS)[1:-1] + '}\n```')
 
 
 def track_row(path, rhythm: dict | None = None) -> dict:
@@ -246,16 +242,21 @@ def test_every_song_gets_a_row_that_fits_the_schema_with_the_raw_text_kept(make_
         assert isinstance(row["raw"], str) and row["raw"]
         assert row["clip_s"] == pytest.approx(min(10.0, song["duration"]), abs=0.01)
         assert row["clip_start"] == pytest.approx((song["duration"] - row["clip_s"]) / 2, abs=0.01)
+        assert row["finish_reason"] == "length"  # random weights never say <|im_end|>
         if row["status"] == STATUS_REJECTED:
             assert row["reason"].startswith(("malformed_caption: ", "truncated_caption: "))
         else:
             assert row["status"] == STATUS_OK and row["description"] and row["tags"]
     # random weights never end an answer (nor write JSON): cut at 16 tokens, cut again at 32
     assert any(r["reason"].startswith("truncated_caption: 32 tokens, no end of answer") for r in rows)
-    # the tiny profile keeps those tracks, with the twin's text as their description
+    # the tiny profile keeps those tracks, with the twin's text as their description; its random
+    # text holds no variant, so recaption is null (the column is there all the same)
     kept = make_stage().process(songs)
     assert all(r["status"] == STATUS_OK and r["description"] == " ".join(r["raw"].split()) for r in kept
                if r["raw"].strip())
+    table = pa.Table.from_pylist(kept, schema=CAPTION_SCHEMA)
+    assert table.column("recaption").to_pylist() == [None] * len(songs)
+    assert table.column("finish_reason").to_pylist() == ["length"] * len(songs)
 
 
 def test_greedy_answers_do_not_depend_on_the_batch_size(make_stage, songs):
@@ -285,6 +286,7 @@ def test_a_cut_answer_is_retried_once_with_the_larger_budget_then_rejected_as_tr
     assert made == calls  # retry_max_new_tokens equal to max_new_tokens: no retry
     for row in rows:
         assert row["status"] == STATUS_REJECTED and row["raw"]
+        assert row["finish_reason"] == "length" and row.get("recaption") is None
         assert row["reason"].startswith(f"truncated_caption: {tokens} tokens, no end of answer")
         assert f"caption.retry_max_new_tokens={tokens}" in row["reason"]
     pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
@@ -305,10 +307,11 @@ def test_only_cut_answers_are_retried_and_one_that_ends_on_the_retry_is_kept(mak
     assert calls == [(2, 4), (1, 8)]
     assert [r["status"] for r in rows] == [STATUS_OK, STATUS_OK]
     assert [r["raw"] for r in rows] == [GOOD_JSON, GOOD_JSON]
+    assert [r["finish_reason"] for r in rows] == ["stop", "stop"]  # the retry's, for the first
 
 
 def test_the_retry_budget_defaults_to_twice_max_new_tokens_and_is_never_smaller():
-    assert load_config("default", environ={}).caption.retry_budget == 512
+    assert load_config("default", environ={}).caption.retry_budget == 1024
     assert CaptionConfig(max_new_tokens=100, retry_max_new_tokens=150).retry_budget == 150
     with pytest.raises(ValidationError, match="retry_max_new_tokens=50 is below caption.max_new_tokens=100"):
         CaptionConfig(max_new_tokens=100, retry_max_new_tokens=50)
@@ -325,6 +328,7 @@ def test_bad_input_is_rejected_with_the_loaders_reason(make_stage, synth_corpus,
     assert all(r["status"] == STATUS_REJECTED for r in rows[:-1])
     assert {"silent", "too_short", "non_finite"} <= {r["reason"].split(":")[0] for r in rows[:-1]}
     assert rows[-1]["raw"]  # the good track in the same batch was captioned
+    assert all(r.get("finish_reason") is None for r in rows[:-1])  # no answer: no finish reason
     pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
 
 
@@ -338,7 +342,27 @@ def test_a_good_answer_becomes_an_ok_row_with_bpm_and_key_in_the_tags(make_stage
     tempo, key = songs[0]["rhythm"]["tempo_phrase"].lower(), songs[0]["rhythm"]["key_phrase"].lower()
     assert row["tags"] == ["pop", "dance pop", "synthesizer", "drums", "bass", "female vocals", "happy",
                            "energetic", "club", tempo, key]
-    assert row["raw"] == GOOD_JSON
+    assert row["raw"] == GOOD_JSON and row["finish_reason"] == "stop"
+    assert row["recaption"] == GOOD_VARIANTS
+
+
+def test_the_variants_land_in_the_stage_output_as_acestep_reads_them(make_stage, songs, tmp_path):
+    """Written and read back as the runner writes a partition; then read the way ACE-Step's
+    text2music_dataset.py reads `recaption`: every non-empty string value is a prompt."""
+    import pyarrow.parquet as pq
+
+    stage = make_stage()
+    partial = '{"description": "Calm piano.", "genre": ["ambient"], "simplified": "ambient", "expanded": 7}'
+    rows = [{**stage._row(song, Generation(text, 90, 60, "stop")), "clip_start": 0.0, "clip_s": 10.0}
+            for song, text in zip(songs, (GOOD_JSON, partial))]
+    pq.write_table(pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA), tmp_path / "part-00000.parquet")
+    back = pq.read_table(tmp_path / "part-00000.parquet")
+    assert back.schema.field("recaption").type == pa.struct([(k, pa.string()) for k in RECAPTION_KEYS])
+    recaptions = back.column("recaption").to_pylist()
+    assert [sorted(v for v in r.values() if isinstance(v, str) and v) for r in recaptions] == \
+        [sorted(GOOD_VARIANTS.values()), ["ambient"]]
+    assert back.column("description").to_pylist() == ["A bright pop song with synths and a female singer.",
+                                                      "Calm piano."]
 
 
 def test_where_the_clip_is_taken():
@@ -353,60 +377,11 @@ def test_the_stage_key_ignores_how_the_server_is_reached():
     assert fp("caption.prompt=Describe it.") != fp()
 
 
-# ---- parsing and tags --------------------------------------------------------------------------
-
-def test_json_is_found_in_fences_and_chatter():
-    parsed = parse_caption(GOOD_JSON)
-    assert parsed["description"].startswith("A bright pop song")
-    assert parsed["vocals"] == ["female singer"] and parsed["tags"] == ["club", "POP"]
-    bare = parse_caption('{"caption": "Slow piano.", "Moods": "calm, sad", "genres": ["classical"]}')
-    assert bare == {"description": "Slow piano.", "genre": ["classical"], "instruments": [], "vocals": [],
-                    "mood": ["calm", "sad"], "tags": []}
-
-
-def test_labelled_lines_are_read_when_there_is_no_json():
-    text = ("**Description:** A moody trip-hop track with a\nbreakbeat and muted trumpet.\n"
-            "Genre: trip hop, downtempo\n- Instruments: drums; trumpet\nVocals: none\nMood: dark\n")
-    parsed = parse_caption(text)
-    assert parsed["description"] == "A moody trip-hop track with a breakbeat and muted trumpet."
-    assert parsed["genre"] == ["trip hop", "downtempo"] and parsed["instruments"] == ["drums", "trumpet"]
-    assert parsed["vocals"] == ["none"] and parsed["mood"] == ["dark"]
-
-
-@pytest.mark.parametrize("text, why", [
-    ("qzjx vbnm wq", "no JSON object"),
-    ('{"description": "", "genre": ["pop"]}', "no description"),
-    ('{"description": "Nice.", "genre": []}', "no genre"),
-    ('{"description": "Nice.", "genre": {"main": "pop"}}', "'genre' is a dict"),
-    ("Description: a song", "no genre"),
-    ('{"genre": ["pop"', "no JSON object"),
-])
-def test_unusable_answers_say_what_is_missing(text, why):
-    with pytest.raises(MalformedCaption, match=why):
-        parse_caption(text)
-
-
-def test_tags_are_lowercased_trimmed_mapped_and_deduplicated():
-    synonyms = CaptionConfig().synonyms
-    tags = normalise_tags([" Hip Hop ", "hip-hop", "E-Guitar.", '"Synth"', "drum_kit", "", "  ",
-                           "a very long phrase of many words", "R and B"], synonyms)
-    assert tags == ["hip-hop", "electric guitar", "synthesizer", "drums", "r&b"]
-
-
-def test_bpm_and_key_join_the_tags_and_survive_the_cap():
-    cfg = CaptionConfig(max_tags=4)
-    raw = '{"description": "x", "genre": ["rock", "metal", "punk", "grunge", "indie"]}'
-    fields = caption_fields(raw, {"tempo_phrase": "128 BPM", "key_phrase": "A minor"}, cfg)
-    assert fields["tags"] == ["rock", "metal", "128 bpm", "a minor"]
-    assert caption_fields(raw, {"tempo_phrase": None, "key_phrase": None}, cfg)["tags"] == \
-        ["rock", "metal", "punk", "grunge"]
-    assert caption_fields(raw, None, cfg)["genre"] == ["rock", "metal", "punk", "grunge", "indie"]
-
-
 def test_defaults_name_the_released_model():
     cfg = load_config("default", environ={}).caption
     assert cfg.checkpoint == "Qwen/Qwen2.5-Omni-7B" and cfg.backend == "transformers"
     assert "JSON" in cfg.prompt and cfg.temperature == 0.0
+    assert all(f'"{key}"' in cfg.prompt for key in RECAPTION_KEYS)  # one answer asks for every variant
 
 
 def test_twin_builder_writes_a_loadable_directory_again(tmp_path, twin):
@@ -418,17 +393,3 @@ def test_twin_builder_writes_a_loadable_directory_again(tmp_path, twin):
             safe_open(str(tmp_path / "model.safetensors"), "pt") as b:
         key = "thinker.audio_tower.conv1.weight"
         assert np.array_equal(a.get_tensor(key).numpy(), b.get_tensor(key).numpy())
-
-
-def test_keep_raw_keeps_a_malformed_answer_as_the_description():
-    from schemas.caption import CaptionConfig
-    from tasks.caption import MalformedCaption, caption_fields
-
-    rhythm = {"tempo_phrase": "120 bpm", "key_phrase": "a minor"}
-    with pytest.raises(MalformedCaption):
-        caption_fields("zx qq  vv", rhythm, CaptionConfig())
-    kept = caption_fields("zx qq  vv", rhythm, CaptionConfig(on_malformed="keep_raw"))
-    assert kept["description"] == "zx qq vv"
-    assert kept["tags"] == ["120 bpm", "a minor"] and kept["genre"] == []
-    with pytest.raises(MalformedCaption):      # an empty answer is never a caption
-        caption_fields("  ", rhythm, CaptionConfig(on_malformed="keep_raw"))

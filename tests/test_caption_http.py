@@ -1,7 +1,8 @@
 """Caption stage over HTTP: a real server process (tasks.caption_server, loopback only,
 bounded, killed by PID) serves the tiny twin through the same adapter; the stage's openai
 backend gets the answers the adapter gives in process, an answer the server reports cut
-(finish_reason "length") is retried once with the larger budget, 4xx become rows, timeouts
+(finish_reason "length") is retried once with the larger budget, a structured answer lands in
+the stage's rows with its recaption and finish_reason, 4xx become rows, timeouts
 and unreachable servers raise TransientError (Prefect retries), bad requests are refused."""
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from tasks.caption_http import encode_wav
 from tasks.caption_server import Batcher, make_handler, parse_args
 from tasks.models import resolve_checkpoint
 from tasks.stage import TransientError
-from test_caption import GOOD_JSON, corpus_songs, track_row  # tests/ is on sys.path (rootdir conftest)
+from test_caption import GOOD_JSON, GOOD_VARIANTS, corpus_songs, track_row  # tests/ is on sys.path (rootdir conftest)
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED = "qwen-omni-twin"
@@ -115,6 +116,7 @@ def test_the_stage_over_http_gets_what_the_adapter_says_in_process(server, make_
     # with 32, and the server's second answer (32 tokens, cut again) is the row's
     for row in rows:
         assert row["raw"] and row["reason"].startswith("truncated_caption: 32 tokens, no end of answer")
+        assert row["finish_reason"] == "length"
     # The same clips as the server decodes them (16-bit WAV), through the adapter here.
     cfg = stage.cfg.caption
     model = OmniThinker(twin, "cpu")
@@ -171,6 +173,20 @@ def test_the_server_reports_why_an_answer_ended_and_the_stage_retries_a_cut_one(
     rows = make_stage(f"caption.url={url}", "caption.max_new_tokens=16", "caption.retry_max_new_tokens=32", "caption.batch_size=1").process(songs[:2])
     assert sorted(model.budgets) == [16, 16, 32, 32]  # each song: cut at 16, whole at 32
     assert [r["status"] for r in rows] == ["ok", "ok"] and [r["raw"] for r in rows] == [GOOD_JSON, GOOD_JSON]
+
+
+def test_a_structured_answer_over_http_lands_in_the_stage_output_with_its_variants(scripted_server, make_stage,
+                                                                                    songs):
+    url, _ = scripted_server
+    rows = make_stage(f"caption.url={url}", "caption.max_new_tokens=32",
+                      "caption.retry_max_new_tokens=32").process(songs[:2])
+    table = pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)  # what the runner writes for the partition
+    assert table.column("status").to_pylist() == ["ok", "ok"]
+    assert table.column("finish_reason").to_pylist() == ["stop", "stop"]
+    assert table.column("recaption").to_pylist() == [GOOD_VARIANTS, GOOD_VARIANTS]
+    assert table.column("description").to_pylist() == ["A bright pop song with synths and a female singer."] * 2
+    assert table.column("tags").to_pylist()[0][:3] == ["pop", "dance pop", "synthesizer"]
+    assert table.column("tags").to_pylist()[0][-1] == "120 bpm"  # the rhythm phrase of these songs
 
 
 def test_concurrent_requests_all_get_answers(server, make_stage, songs):
