@@ -23,7 +23,6 @@ Reason codes beyond schemas.common.REASONS:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -188,15 +187,6 @@ class OmniThinker:
                 completion_tokens=len(row) if ended is None else ended + 1,
                 finish_reason="length" if ended is None else "stop"))
         return results
-
-
-def build_tiny(path: Path) -> None:
-    """Tiny twin of Qwen2.5-Omni-7B in the released layout: config.json (model_type
-    qwen2_5_omni, enable_audio_output false), thinker.* weights, a tokenizer and a
-    preprocessor_config.json. Written by tasks.caption_twin (see there)."""
-    from tasks.caption_twin import write_twin
-
-    write_twin(Path(path))
 
 
 # ---- the stage ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 TINY_BUILDERS = {
     "aesthetics": "tasks.aesthetics:build_tiny",
     "whisper": "tasks.transcribe:build_tiny",
-    "qwen_omni": "tasks.caption:build_tiny",
+    "qwen_omni": "tasks.caption_twin:write_twin",
     "beat_this": "tasks.rhythm:build_tiny",
     "dcae": "tasks.latents:build_tiny_dcae",
     "mert": "tasks.latents:build_tiny_mert",
