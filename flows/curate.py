@@ -1,8 +1,9 @@
 """The curate flow: ingest, then every configured stage mapped over partitions.
 
-One Prefect task per `stage x partition`; a partition's stage waits only for its own
-upstream stages on that partition, so stages 3-6 run side by side. The stage store
-decides what is skipped. Ends with one pass over the catalog and the stage outputs that
+The run plans first: one listing per stage key finds the `stage x partition` outputs that
+exist and read; only the others become Prefect tasks (a partition's stage waits only for its
+own upstream tasks on that partition, so stages 3-6 run side by side), and the done ones are
+reported as skipped without a task run. Ends with one pass over the catalog and the stage outputs that
 explains every track: the per-stage table artifact ("curate-summary", this run's work and
 each stage's cumulative counts), the rejects Parquet under reports/ and the first rows of
 it as the "curate-rejects" artifact, and a summary line in the run's log. A run in which a
@@ -23,7 +24,8 @@ from flows.params import RunParams
 from flows.runners import ensure_gpu_limit, gpu_tag, retry_only_transient, task_runner_for
 from schemas.config import Config
 from tasks.ingest import IngestResult, check_sources, ingest
-from tasks.stage import check_stages, dag_order, run_partition, stage_class, stage_keys
+from tasks.stage import (check_stages, dag_order, done_partitions, run_partition, skipped_result,
+                         stage_class, stage_keys)
 from tasks.store import StageStore
 from tasks.summary import CatalogSummary, stage_table, summarize_catalog, summary_line, write_rejects
 
@@ -73,22 +75,36 @@ def summary_task(cfg: Config, partitions: list[int]) -> tuple[CatalogSummary, st
     return catalog, write_rejects(store, catalog.rejects)
 
 
+def plan(store: StageStore, order: list[str], keys: dict[str, str], partitions: list[int]
+         ) -> dict[str, set[int]]:
+    """stage -> the partitions it must compute this run: those without an output that reads.
+    A stage's output under its key stays valid whatever happened to its inputs' files (the key
+    covers the inputs' keys), so each stage is planned on its own."""
+    return {name: set(partitions) - done_partitions(store, name, keys[name], partitions) for name in order}
+
+
 @flow(name="curate-stages", log_prints=True)
 def curate_stages(cfg: Config, partitions: list[int]) -> list[dict]:
+    """One Prefect task per stage x partition that has work; what is done is reported as
+    skipped without a task run (a nightly run over a large corpus then costs what is new)."""
     order = dag_order(cfg.stages)
     keys = stage_keys(cfg, order)
+    todo = plan(StageStore(cfg.work_root), order, keys, partitions)
     tags = {name: gpu_tag(stage_class(name).uses_gpu, cfg.device) for name in order}
-    if "gpu" in tags.values():
+    if "gpu" in tags.values() and any(todo[n] for n in order if tags[n] == "gpu"):
         ensure_gpu_limit(cfg.runner.gpu_concurrency)
-    futures = {}
+    futures, results = {}, []
     for p in partitions:
         for name in order:
-            cls = stage_class(name)
-            deps = [futures[(u, p)] for u in cls.inputs]
+            if p not in todo[name]:
+                results.append(skipped_result(name, p, keys[name]))
+                continue
+            deps = [futures[(u, p)] for u in stage_class(name).inputs if (u, p) in futures]
             futures[(name, p)] = stage_task.with_options(
                 task_run_name=f"{name}-p{p:05d}", tags=[tags[name]],
             ).submit(cfg, name, p, keys, wait_for=deps)
-    results = []
+    get_run_logger().info(f"planned {len(futures)} stage x partition tasks; "
+                          f"{len(results)} outputs already there")
     progress = create_progress_artifact(0.0, key="curate-progress",
                                         description="stage x partition tasks finished") if futures else None
     for done, fut in enumerate(as_completed(list(futures.values())), 1):

@@ -170,16 +170,30 @@ def summarize(table: pa.Table) -> dict[str, Any]:
             "error": counts.get(STATUS_ERROR, 0), "reasons": dict(reasons)}
 
 
+def skipped_result(name: str, partition: int, key: str) -> dict[str, Any]:
+    """The summary of a stage x partition whose output exists: no work this run (the curate
+    summary counts the output's tracks in its one pass over the store)."""
+    return {"stage": name, "partition": partition, "key": key, "skipped": True,
+            "seconds": 0.0, "ok": 0, "rejected": 0, "error": 0, "reasons": {}}
+
+
+def done_partitions(store: StageStore, name: str, key: str, partitions: list[int]) -> set[int]:
+    """Which of `partitions` have an output of stage `name` under `key` that reads: one listing
+    of the key's directory (not a lookup per partition), then the footer of each listed output;
+    a damaged one is quarantined and counts as missing, so its partition is planned again."""
+    listed = set(store.glob_partitions(store.path("stages", name, key))) & set(partitions)
+    return {p for p in listed if _done(store, store.stage_path(name, key, p))}
+
+
 def run_partition(store: StageStore, cfg: Config, name: str, partition: int,
                   keys: dict[str, str]) -> dict[str, Any]:
     """Apply stage `name` to one partition unless its output exists. Returns a summary."""
     key = keys[name]
     out = store.stage_path(name, key, partition)
     started = time.perf_counter()
-    skipped = {"stage": name, "partition": partition, "key": key, "skipped": True,
-               "seconds": 0.0, "ok": 0, "rejected": 0, "error": 0, "reasons": {}}
+    skipped = skipped_result(name, partition, key)
     if _done(store, out):
-        return skipped   # no work this run; the curate summary counts the output in its one pass
+        return skipped
     # Another run on this work root may be computing the same partition: wait for it, then
     # find its output, rather than compute it twice.
     with store.lock(f"stage-{name}-{key}-{partition:05d}", timeout_s=24 * 3600):

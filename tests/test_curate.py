@@ -109,6 +109,21 @@ def test_second_run_does_no_stage_work(clean_run, synth_corpus, tmp_path, base_o
     assert json.loads(summary_artifact.data) == second["stages"]
 
 
+def stage_task_runs(state) -> list[str]:
+    """Names of the stage task runs a curate run created (in its curate-stages subflow), as
+    Prefect's API lists them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter,
+                                                TaskRunFilterFlowRunId)
+
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[f.id for f in subflows])))
+    return sorted(r.name for r in runs)
+
+
 def test_new_files_run_only_new_partitions(prefect_harness, synth_corpus, tmp_path, base_overrides):
     src = tmp_path / "src"
     shutil.copytree(synth_corpus / "audio", src, ignore=shutil.ignore_patterns("bad"))
@@ -117,8 +132,14 @@ def test_new_files_run_only_new_partitions(prefect_harness, synth_corpus, tmp_pa
     extra = next(p for p in sorted((synth_corpus / "audio" / "bad").iterdir()) if p.suffix == ".wav")
     shutil.copy(extra, src / "late-arrival.wav")
     shutil.copy(next(src.glob("*.flac")), src / "late-copy-of-a-known-song.flac")
-    second = run_curate(base_overrides, work, [str(src)])
+    state = curate(RunParams(config="tiny", work_root=str(work), sources=[str(src)], overrides=base_overrides),
+                   return_state=True)
+    second = state.result()
     assert second["new_tracks"] == 1 and second["new_partitions"] == 1
+    # Prefect task runs only for the new partition's stages: the done ones were planned away
+    new = first["partitions"]
+    assert stage_task_runs(state) == sorted(f"{s['stage']}-p{new:05d}" for s in second["stages"]
+                                            if s["stage"] != "ingest")
     assert second["partitions"] == first["partitions"] + 1
     for s in second["stages"]:
         if s["stage"] != "ingest":   # the new partition ran (empty or not), the old ones did not
@@ -364,3 +385,23 @@ def by_stage_and_track(work: Path) -> dict[str, dict[str, dict]]:
             assert row["track_id"] not in rows, (path, row["track_id"])
             rows[row["track_id"]] = row
     return out
+
+
+def test_the_plan_lists_what_is_missing_or_damaged_and_quarantines_the_damaged(tmp_path):
+    import pyarrow as pa
+
+    from flows.curate import plan
+
+    store = StageStore(str(tmp_path / "work"))
+    keys = {"probe": "k1", "rhythm": "k2"}
+    table = pa.table({"track_id": ["t"], "status": ["ok"], "reason": [None]})
+    for p in (0, 1, 3):
+        store.write_table(store.stage_path("probe", "k1", p), table)
+    store.write_bytes(store.stage_path("probe", "k1", 1), b"PAR1 cut short")   # damaged after writing
+    store.write_table(store.stage_path("probe", "other-key", 2), table)         # a stale key: not ours
+    store.write_table(store.stage_path("rhythm", "k2", 2), table)
+    todo = plan(store, ["probe", "rhythm"], keys, [0, 1, 2])
+    assert todo == {"probe": {1, 2}, "rhythm": {0, 1}}
+    assert not store.exists(store.stage_path("probe", "k1", 1))
+    assert [n for n in store.listdir(store.path("quarantine", "stages", "probe", "k1"))
+            if n.startswith("part-00001.parquet.")]
