@@ -12,9 +12,11 @@ from schemas.common import stage_schema
 class RhythmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     enabled: bool = True
-    beat_tracker: Literal["beat_this", "essentia"] = Field(
-        "beat_this", description="who gives beats and BPM: Beat This, or Essentia's RhythmExtractor2013 "
-        "(no weights); Essentia's BPM is recorded beside Beat This's either way")
+    beat_tracker: Literal["beat_this", "essentia", "onset"] = Field(
+        "beat_this", description="who gives beats and BPM: Beat This; Essentia's RhythmExtractor2013 (no "
+        "weights, ~15x real time per core); or onset, the stage's own comb tempogram with a metrical-level "
+        "classifier (tasks/tempo.py; no weights, ~1000x real time). Essentia's BPM is recorded beside "
+        "Beat This's")
     checkpoint: str = Field("final0", description="Beat This checkpoint: a local .ckpt (or a directory "
                             "holding one), a released name (final0, small0, ...), or tiny:beat_this")
     batch_size: int = Field(4, ge=1, description="Beat This chunks per forward pass")
@@ -25,14 +27,21 @@ class RhythmConfig(BaseModel):
     max_bpm: float = Field(250.0, gt=0, description="fastest tempo reported")
     min_tempo_s: float = Field(6.0, ge=0, description="shorter tracks get no tempo (too few beats to trust)")
     min_tempo_confidence: float = Field(
-        0.45, ge=0, le=1, description="below this BPM confidence (0-1) the track gets no tempo, with the reason")
-    key_profile: str = Field("edma", description="Essentia KeyExtractor profileType (edma, bgate, krumhansl, "
-                             "temperley, shaath, ...)")
+        0.3, ge=0, le=1, description="below this bpm_confidence (0-1, the calibrated probability that the BPM "
+        "is within 4%) the track gets no tempo, with the reason")
+    key_method: Literal["evidence", "essentia"] = Field(
+        "evidence", description="evidence: tasks/key.py (profiles, bass, cadence and chord evidence, a fitted "
+        "conditional logit; key exact 0.9+ on the bench's minor keys); essentia: KeyExtractor with key_profile")
+    key_profile: str = Field("edma", description="Essentia KeyExtractor profileType with key_method=essentia "
+                             "(edma, bgate, krumhansl, temperley, shaath, ...)")
+    min_key_confidence: float = Field(
+        0.3, ge=0, le=1, description="with key_method=evidence: below this key_confidence (0-1) there is no key")
     min_key_s: float = Field(5.0, ge=0, description="shorter tracks get no key")
-    min_key_strength: float = Field(0.6, ge=0, le=1, description="below this KeyExtractor strength there is no key")
+    min_key_strength: float = Field(0.6, ge=0, le=1, description="with key_method=essentia: below this "
+                                    "KeyExtractor strength there is no key")
     min_tonalness: float = Field(
-        0.25, ge=0, le=1, description="share of spectral energy in peaks (100-5000 Hz) below which the track "
-        "is too noisy for a key (noise scores ~0.02, tonal music 0.4-0.9)")
+        0.1, ge=0, le=1, description="share of spectral energy in peaks (100-5000 Hz) below which the track "
+        "is too noisy for a key (noise scores ~0.02, tonal music 0.15-0.9: drum-heavy mixes go below 0.25)")
     structure: bool = Field(True, description="segment the track into sections")
     segment_kernel_beats: int = Field(6, ge=2, description="half-width of the checkerboard novelty kernel, in beats")
     min_segment_beats: int = Field(6, ge=1, description="shortest section, in beats")
@@ -44,16 +53,17 @@ SEGMENT = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("label", p
 
 RHYTHM_SCHEMA = stage_schema(
     pa.field("bpm", pa.float64()),
-    pa.field("bpm_confidence", pa.float64()),
-    pa.field("tempo_source", pa.string()),            # beat_this | essentia
-    pa.field("essentia_bpm", pa.float64()),           # RhythmExtractor2013, octave-checked, always recorded
+    pa.field("bpm_confidence", pa.float64()),         # 0-1: calibrated P(bpm within 4% of the true tempo)
+    pa.field("tempo_source", pa.string()),            # beat_this | essentia | onset
+    pa.field("essentia_bpm", pa.float64()),           # RhythmExtractor2013, octave-checked (not with onset)
     pa.field("essentia_confidence", pa.float64()),    # its own 0-5.32 scale
     pa.field("beats", pa.list_(pa.float64())),
     pa.field("downbeats", pa.list_(pa.float64())),
     pa.field("meter", pa.int32()),
     pa.field("key", pa.string()),
     pa.field("scale", pa.string()),
-    pa.field("key_strength", pa.float64()),
+    pa.field("key_strength", pa.float64()),           # the method's own score (softmax p or KeyExtractor strength)
+    pa.field("key_confidence", pa.float64()),         # 0-1: calibrated P(key and scale right)
     pa.field("tonalness", pa.float64()),
     pa.field("segments", pa.list_(SEGMENT)),
     pa.field("tempo_phrase", pa.string()),

@@ -2,13 +2,16 @@
 
 Runs on tracks that aesthetics kept. Beat This (tasks/beat_model.py, our torch front end in
 tasks/beat_frontend.py) gives beats and downbeats; Essentia's RhythmExtractor2013 runs beside
-it (or alone with rhythm.beat_tracker=essentia) so the two BPMs can be compared. The BPM is
-read from the beat grid (median inter-beat interval) after a metrical-level check: Beat This
-grids with 8 beats per bar are halved; Essentia grids are doubled when the onsets between
-ticks are as strong as those on them, and halved when every other tick is weak. Key and
-scale come from Essentia's KeyExtractor (profile in config), gated by key strength and by
-tonalness (energy share in spectral peaks), so noise gets no key. Structure comes from
-tasks/structure.py. `caption_phrases` writes the numbers as the caption stage's words.
+it (or alone with rhythm.beat_tracker=essentia) so the two BPMs can be compared; with
+rhythm.beat_tracker=onset the stage's own comb tempogram and metrical-level classifier
+(tasks/tempo.py) give them, ~50x faster than Essentia. The BPM is read from the beat grid
+(median inter-beat interval) after a metrical-level check: Beat This grids with 8 beats per bar
+are halved; Essentia grids are doubled when the onsets between ticks are as strong as those on
+them, and halved when every other tick is weak. Every path's `bpm_confidence` is the onset
+classifier's calibrated probability of the candidate tempo the path agrees with. Key, scale and
+`key_confidence` come from tasks/key.py (rhythm.key_method=evidence) or Essentia's KeyExtractor,
+gated by confidence and by tonalness (energy share in spectral peaks), so noise gets no key.
+Structure comes from tasks/structure.py. `caption_phrases` writes the numbers as words.
 
 A track without a trustworthy tempo or key keeps status ok with bpm/key null and a
 `no_tempo_reason`/`no_key_reason` ("too_short: ...", "low_confidence: ...", "not_tonal: ...",
@@ -27,17 +30,17 @@ import torch
 
 from schemas.common import STATUS_OK, STATUS_REJECTED
 from schemas.rhythm import RHYTHM_SCHEMA, RhythmConfig
-from tasks import audio
+from tasks import audio, tempo
+from tasks import key as key_mod
 from tasks.beat_frontend import FPS, LogMelSpect, onset_envelope
 from tasks.beat_frontend import SAMPLE_RATE as BEAT_SR
 from tasks.beat_model import BeatThisTracker
 from tasks.beat_model import build_tiny as _build_tiny
 from tasks.models import resolve_checkpoint, resolve_device
 from tasks.stage import Stage
-from tasks.structure import NoveltySegmenter, Segmenter, power_frames
+from tasks.structure import NoveltySegmenter, Segmenter, chroma, power_frames
 
 ESSENTIA_SR = 44100
-ESSENTIA_CONF_GOOD = 3.5     # RhythmExtractor2013: above 3.5 is "excellent" in its documentation
 DOUBLE_IF_MID = 0.7          # onsets between ticks at least this strong as on them: ticks are half tempo
 HALVE_IF_ALTERNATE = 0.66    # every other tick weaker than this: ticks are double tempo
 REGULAR_TOL = 0.1            # an inter-beat interval within 10% of the median counts as regular
@@ -170,22 +173,30 @@ def essentia_key(wav44: np.ndarray, profile: str) -> tuple[str, str, float]:
 
 def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: RhythmConfig,
                   segmenter: Segmenter | None, beat_this: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-                  timings: dict | None = None) -> dict:
+                  timings: dict | None = None, hpcp_frames: key_mod.HpcpFrames | None = None) -> dict:
     """All output fields of one track. `beat_this` is (beats, downbeats, beat probabilities at the
     beats) from the tracker, or None on the Essentia path."""
     timings = timings if timings is not None else {}
+    hpcp_frames = hpcp_frames or key_mod.HpcpFrames()
     duration = len(wav22) / BEAT_SR
     env = onset_envelope(spect)
     env = env / (env.mean() + 1e-9)
     row: dict = {"bpm": None, "bpm_confidence": 0.0, "tempo_source": cfg.beat_tracker,
                  "essentia_bpm": None, "essentia_confidence": None, "beats": [], "downbeats": [],
-                 "meter": None, "key": None, "scale": None, "key_strength": 0.0, "tonalness": None,
+                 "meter": None, "key": None, "scale": None, "key_strength": 0.0, "key_confidence": 0.0,
+                 "tonalness": None,
                  "segments": [], "no_tempo_reason": None, "no_key_reason": None}
 
-    # tempo
+    # tempo: every path's confidence is the onset classifier's calibrated probability of the
+    # candidate tempo it agrees with (tasks/tempo.py), so a metrical-level error is never certain
     t0 = time.perf_counter()
+    power = power_frames(wav22)   # shared with the key's tonalness gate
+    cands = tempo.candidates(env, tempo.low_band_envelope(spect), chroma(power)) \
+        if duration >= cfg.min_tempo_s else []
+    probs = tempo.tempo_probabilities(cands) if cands else np.array([])
+    pulse = max((c["features"][0] for c in cands), default=0.0)   # autocorrelation comb of the winner
     ess_beats = None
-    if duration >= cfg.min_tempo_s:
+    if duration >= cfg.min_tempo_s and cfg.beat_tracker != "onset":
         try:
             _, ticks, conf = essentia_rhythm(wav44)
             ess_beats = metrical_level(ticks, env, cfg.min_bpm, cfg.max_bpm)
@@ -195,20 +206,23 @@ def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: 
         except RuntimeError as exc:  # Essentia raises RuntimeError on inputs it cannot handle
             row["essentia_confidence"] = 0.0
             print(f"rhythm: RhythmExtractor2013 failed: {exc}", file=sys.stderr)
-    timings["essentia_rhythm"] = time.perf_counter() - t0
+    timings["tempo"] = time.perf_counter() - t0
     if beat_this is not None:
-        beats, downbeats, probs = beat_this
+        beats, downbeats, _ = beat_this
         meter = meter_from_downbeats(beats, downbeats)
         if meter == 8 and len(beats) >= 8:   # eighth-note grid: keep the beats in phase with the downbeats
             phase = int(np.searchsorted(beats, downbeats[0])) % 2 if len(downbeats) else 0
             beats, meter = beats[phase::2], 4
-        bpm, regular = grid_stats(beats)
-        confidence = regular * (float(np.mean(probs)) if len(probs) else 0.0)
-    else:
+    elif cfg.beat_tracker == "essentia":
         beats = ess_beats if ess_beats is not None else np.array([])
-        bpm, regular = grid_stats(beats)
+    else:
+        best = cands[int(np.argmax(probs))] if cands else None
+        beats = tempo.beat_grid(env, best["period"], best["phase"]) if best else np.array([])
+    if beat_this is None:
         meter, downbeats = meter_from_accents(beats, env)
-        confidence = regular * min(1.0, (row["essentia_confidence"] or 0.0) / ESSENTIA_CONF_GOOD)
+    bpm, regular = grid_stats(beats)
+    agree = sum(p for c, p in zip(cands, probs) if bpm and abs(c["bpm"] - bpm) <= 0.04 * bpm)
+    confidence = regular * tempo.calibrate(float(agree)) * min(1.0, pulse / tempo.MIN_PULSE)
     row["bpm_confidence"] = round(float(confidence), 3)
     if duration < cfg.min_tempo_s:
         row["no_tempo_reason"] = f"too_short: {duration:.1f} s < rhythm.min_tempo_s={cfg.min_tempo_s:g}"
@@ -226,22 +240,29 @@ def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: 
 
     # key
     t0 = time.perf_counter()
-    power = power_frames(wav22)
     row["tonalness"] = round(tonalness(power), 3)
     if duration < cfg.min_key_s:
         row["no_key_reason"] = f"too_short: {duration:.1f} s < rhythm.min_key_s={cfg.min_key_s:g}"
     elif row["tonalness"] < cfg.min_tonalness:
         row["no_key_reason"] = (f"not_tonal: tonalness {row['tonalness']:.2f} < rhythm.min_tonalness="
                                 f"{cfg.min_tonalness:g} (noise or unpitched percussion)")
+    elif cfg.key_method == "evidence":
+        name, scale, strength, confidence = key_mod.estimate_key(*hpcp_frames(wav44))
+        row.update(key_strength=round(strength, 3), key_confidence=round(confidence, 3))
+        if confidence < cfg.min_key_confidence:
+            row["no_key_reason"] = (f"weak_key: key_confidence {confidence:.2f} < rhythm.min_key_confidence="
+                                    f"{cfg.min_key_confidence:g} (best guess {name} {scale})")
+        else:
+            row.update(key=name, scale=scale)
     else:
-        key, scale, strength = essentia_key(wav44, cfg.key_profile)
+        name, scale, strength = essentia_key(wav44, cfg.key_profile)
         row["key_strength"] = round(strength, 3)
         if strength < cfg.min_key_strength:
             row["no_key_reason"] = (f"weak_key: strength {strength:.2f} < rhythm.min_key_strength="
-                                    f"{cfg.min_key_strength:g} (best guess {key} {scale})")
+                                    f"{cfg.min_key_strength:g} (best guess {name} {scale})")
         else:
-            row.update(key=key, scale=scale)
-    timings["essentia_key"] = time.perf_counter() - t0
+            row.update(key=name, scale=scale)
+    timings["key"] = time.perf_counter() - t0
 
     # structure
     t0 = time.perf_counter()
@@ -258,7 +279,7 @@ def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: 
 
 class RhythmStage(Stage):
     name = "rhythm"
-    version = "1"
+    version = "2"   # 2: key_confidence, calibrated bpm_confidence, evidence key method, onset tempo
     inputs = ("aesthetics",)
     schema = RHYTHM_SCHEMA
     uses_gpu = True
@@ -282,6 +303,7 @@ class RhythmStage(Stage):
                                            cfg.batch_size, cfg.float16)
         self.segmenter = NoveltySegmenter(cfg.segment_kernel_beats, cfg.min_segment_beats,
                                           cfg.same_section) if cfg.structure else None
+        self.hpcp_frames = key_mod.HpcpFrames()
         self.timings: dict[str, float] = {}
 
     def _tick(self, name: str, since: float) -> None:
@@ -318,7 +340,7 @@ class RhythmStage(Stage):
         for i, wav44, wav22, spect in loaded:
             parts: dict[str, float] = {}
             rows[i].update(analyze_track(wav44, wav22, spect.cpu().numpy(), cfg, self.segmenter,
-                                         grids.get(i), parts))
+                                         grids.get(i), parts, self.hpcp_frames))
             for name, seconds in parts.items():
                 self.timings[name] = self.timings.get(name, 0.0) + seconds
         return rows

@@ -1,0 +1,71 @@
+"""Tempo without weights (tasks/tempo.py): a click track's tempo and beat times from its
+construction, generated songs at both ends of 60-180 BPM (where the metrical level is in doubt),
+and a wrong metrical level never scored as certain."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.songgen import GenSong, render
+from tasks import tempo
+from tasks.beat_frontend import SAMPLE_RATE, LogMelSpect, onset_envelope
+from tasks.structure import chroma, power_frames
+
+
+def _evidence(wav22: np.ndarray):
+    with torch.inference_mode():
+        spect = LogMelSpect()(torch.from_numpy(wav22.astype(np.float32))).numpy()
+    return onset_envelope(spect), tempo.low_band_envelope(spect), chroma(power_frames(wav22))
+
+
+def _song(bpm, groove, timbre, seed, beats_per_bar=4):
+    return GenSong(bpm=bpm, tonic=seed % 12, scale=("major", "minor")[seed % 2], progression=("I-V-vi-IV", "i-VI-iv-V")[seed % 2],
+                   timbre=timbre, groove=groove, voicing="close", beats_per_bar=beats_per_bar, bars=10, chords_per_bar=1,
+                   melody=True, detune_cents=0.0, fmt="wav", seed=seed)
+
+
+SONGS = [_song(64.0, "rock", "piano", 2), _song(72.0, "none", "organ", 3), _song(150.0, "shuffle", "pluck", 5, 3),
+         _song(174.0, "sixteenths", "square", 6)]
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    return [_evidence(render(song, SAMPLE_RATE)) for song in SONGS]
+
+
+def test_click_track_tempo_and_beats():
+    """Clicks every 0.6 s with an accent each fourth: 100 BPM, beats 0.6 s apart on the clicks."""
+    wav = np.zeros(SAMPLE_RATE * 20, np.float32)
+    click = np.exp(-np.arange(400) / 60.0) * np.sin(np.arange(400) * 0.9)
+    for i, at in enumerate(np.arange(0.5, 19.5, 0.6)):
+        s = int(at * SAMPLE_RATE)
+        wav[s:s + 400] += (1.0 if i % 4 == 0 else 0.6) * click
+    bpm, beats, _, confidence = tempo.estimate_tempo(*_evidence(wav))
+    assert bpm == pytest.approx(100.0, rel=0.02)
+    assert np.median(np.diff(beats)) == pytest.approx(0.6, abs=0.021)
+    assert np.min(np.abs(beats[:, None] - np.arange(0.5, 19.5, 0.6)[None]), axis=1).max() <= 0.03
+    assert confidence >= 0.5
+
+
+@pytest.mark.parametrize("i", range(len(SONGS)), ids=[f"{s.bpm:g}-{s.groove}" for s in SONGS])
+def test_generated_songs_at_both_ends_of_the_range(evidence, i):
+    bpm, _, _, confidence = tempo.estimate_tempo(*evidence[i])
+    assert bpm == pytest.approx(SONGS[i].bpm, rel=0.04)
+    assert confidence >= 0.5
+
+
+def test_a_wrong_metrical_level_is_never_certain(evidence):
+    """Whatever the classifier prefers, the calibrated probability it gives the double or the
+    half of the true tempo stays far from 1."""
+    for song, ev in zip(SONGS, evidence):
+        cands = tempo.candidates(*ev)
+        probs = tempo.tempo_probabilities(cands)
+        for c, p in zip(cands, probs):
+            if any(abs(c["bpm"] - f * song.bpm) <= 0.04 * f * song.bpm for f in (2.0, 0.5)):
+                assert tempo.calibrate(float(p)) < 0.5, (song.bpm, c["bpm"], p)
+
+
+def test_no_pulse_no_candidates_on_short_or_empty_input():
+    assert tempo.candidates(np.zeros(100), np.zeros(100)) == []
+    assert tempo.estimate_tempo(np.zeros(100), np.zeros(100))[0] is None
