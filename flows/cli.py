@@ -10,6 +10,9 @@
     acepipe lyrics match --index DIR (--text T | --jsonl F)   one JSON line per query: id, lyric_id, score
     acepipe tiny-models DIR [NAME...]             build the tiny model twins
     acepipe pack|latents --config C --work W [--dataset NAME]   the pack and latents flows
+    acepipe export --format acestep-v1|acestep-1.5|jsonl [--dataset NAME] [--out DIR]   the export flow
+    acepipe review [--dataset NAME] [--per-label N] [--json]   lowest-confidence tracks per label
+    acepipe override set|list|remove [--dataset NAME] ...   a person's corrections (win over stage outputs)
     acepipe pipeline [--config C] [--train-config T] [--max-steps N] [--no-train]   curate -> pack -> latents -> train
     acepipe train --config configs/train/tiny.yaml --out DIR [--resume]
     acepipe caption-server --checkpoint REF --port 8000    OpenAI-compatible caption endpoint
@@ -227,6 +230,40 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--dataset", default="default", help="dataset name under manifest/ and shards/")
         p.set_defaults(func=lambda a, name=name: _call(f"flows.{name}:cli", a))
+
+    p = sub.add_parser("review", help="the lowest-confidence tracks of a packed dataset, per label")
+    _add_config_args(p)
+    p.add_argument("--dataset", default="default", help="dataset name under manifest/")
+    p.add_argument("--per-label", type=int, default=10, help="tracks listed per label (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=lambda a: _call("tasks.review:cli", a))
+
+    p = sub.add_parser("override", help="a person's corrections of manifest fields (win over stage outputs)")
+    osub = p.add_subparsers(dest="override_command", required=True)
+    q = osub.add_parser("set", help="set (or replace) one track's field; the next pack applies it")
+    q.add_argument("--track", required=True, help="track_id or path of an ingested file")
+    q.add_argument("--field", required=True, help="manifest column, e.g. bpm, key, language, tags, caption")
+    value = q.add_mutually_exclusive_group(required=True)
+    value.add_argument("--value", help="the value: text for text fields, else JSON (120, [\"pop\"], true)")
+    value.add_argument("--null", action="store_true", help="set the field to null")
+    q.add_argument("--who", required=True, help="who sets it (kept in the table)")
+    q = osub.add_parser("remove", help="remove a track's override (of --field, else all its fields)")
+    q.add_argument("--track", required=True, help="track_id or path of an ingested file")
+    q.add_argument("--field", help="manifest column (default: every overridden field of the track)")
+    q = osub.add_parser("list", help="every override of the dataset")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    for q in osub.choices.values():
+        _add_config_args(q)
+        q.add_argument("--dataset", default="default", help="dataset name (overrides/<dataset>.parquet)")
+        q.set_defaults(func=lambda a: _call("tasks.overrides:cli", a))
+
+    p = sub.add_parser("export", help="a packed dataset in another trainer's format (the export flow)")
+    _add_config_args(p)
+    p.add_argument("--dataset", default="default", help="dataset name under manifest/ and shards/")
+    p.add_argument("--format", required=True, choices=["acestep-v1", "acestep-1.5", "jsonl"],
+                   help="acestep-v1: ACE-Step's `datasets` folder; acestep-1.5: per-song files; jsonl")
+    p.add_argument("--out", help="export directory, replaced whole (default <work root>/exports/<dataset>/<format>)")
+    p.set_defaults(func=lambda a: _call("flows.export:cli", a))
 
     p = sub.add_parser("pipeline", help="curate -> pack -> latents -> train, as one Prefect run")
     _add_config_args(p)

@@ -2,7 +2,8 @@
 
 One task does the pack (tasks/pack.py; it skips itself when the index on disk was built from
 the same inputs and config and every shard has its recorded size, and writes a damaged shard
-again alone), one the report, which is also a Prefect markdown artifact.
+again alone), one the report, which is also a Prefect markdown artifact, and one the review:
+the lowest-confidence tracks per label (tasks/review.py), as a Prefect table artifact.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import posixpath
 import re
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from flows.params import DatasetParams
@@ -18,6 +19,7 @@ from schemas.config import Config
 from tasks.pack import check_dataset_name, read_manifest, require_catalog
 from tasks.pack import pack as pack_dataset
 from tasks.report import build_report, write_report
+from tasks.review import review_dataset, table_rows
 from tasks.store import StageStore
 
 
@@ -37,9 +39,14 @@ def report_task(cfg: Config, summary: dict) -> str:
     return report.inline_markdown()
 
 
-def artifact_key(dataset: str) -> str:
+@task(name="pack-review", cache_policy=NONE)
+def review_task(cfg: Config, dataset: str) -> list[dict]:
+    return table_rows(review_dataset(StageStore(cfg.work_root), dataset, cfg.pack.review_per_label))
+
+
+def artifact_key(dataset: str, kind: str = "dataset-report") -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return "dataset-report-" + (re.sub(r"[^a-z0-9-]+", "-", dataset.lower()).strip("-") or "x")
+    return f"{kind}-" + (re.sub(r"[^a-z0-9-]+", "-", dataset.lower()).strip("-") or "x")
 
 
 @flow(name="pack", log_prints=True)
@@ -54,11 +61,17 @@ def pack(params: DatasetParams = DatasetParams()) -> dict:
         markdown = report_task(cfg, summary)
         create_markdown_artifact(markdown, key=artifact_key(params.dataset),
                                  description=f"dataset {params.dataset}: {summary['packed']} tracks")
+    review = review_task(cfg, params.dataset)
+    create_table_artifact(review, key=artifact_key(params.dataset, "review"),
+                          description=f"dataset {params.dataset}: the {cfg.pack.review_per_label} "
+                          "lowest-confidence tracks per label (acepipe review; correct with acepipe override)")
     print(f"pack {params.dataset}: {summary['packed']} tracks in {summary['shards']} shards, "
           f"{summary['rejected']} left out{' (unchanged, skipped)' if summary['skipped'] else ''}")
     if summary.get("rewritten"):
         print(f"rewrote {len(summary['rewritten'])} damaged shard(s) with their recorded size and checksum: "
               f"{', '.join(summary['rewritten'])}; the rest unchanged")
+    if summary.get("overrides"):
+        print(f"{summary['overrides']} field(s) set by overrides/{params.dataset}.parquet")
     if summary["stage_missing"]:
         print(f"warning: {summary['stage_missing']} tracks wait for a stage output (curate has not "
               "finished their partitions); they are not in this pack")

@@ -8,7 +8,9 @@ it is written last, so its presence says the shards, manifest and rejects beside
 complete, and it records each shard's size and blake2b as written (a pack rerun compares
 sizes, acepipe verify checksums). A sample's JSON holds the manifest row less uri, partition,
 shard and flac_bytes (where the file lay, not what it is), plus sample_rate, channels and
-lyrics_text.
+lyrics_text. Every label a model or DSP stage produced carries its confidence beside it, and a
+field a person corrected (overrides/<dataset>.parquet, tasks/overrides.py) holds the person's
+value and is named in the row's `overridden`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from typing import Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
+
+# The caption stage's recaption (the styles of ACE-Step's Qwen-Omni prompt), carried as it is.
+from schemas.caption import RECAPTION, RECAPTION_KEYS  # noqa: F401 - RECAPTION_KEYS: the manifest's too
 
 
 class PackFilter(BaseModel):
@@ -52,9 +57,14 @@ class PackConfig(BaseModel):
     filter: PackFilter = PackFilter()
     report: bool = Field(True, description="write the dataset report (markdown + PNG charts) beside the "
                          "shards and as a Prefect artifact")
+    review_per_label: int = Field(10, ge=1, description="tracks per label in the lowest-confidence review "
+                                  "the pack flow writes as a Prefect table artifact (acepipe review)")
 
 
 SEGMENT = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("label", pa.string())])
+# The lyrics stage's line alignment: when each canonical line is sung (null times: not found).
+LYRICS_LINE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("section", pa.string()),
+                         ("text", pa.string())])
 
 # The manifest: stable column names, documented here.
 MANIFEST_SCHEMA = pa.schema([
@@ -73,19 +83,27 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("pc", pa.float32()),
     pa.field("pq", pa.float32()),
     pa.field("language", pa.string()),                     # matched lyrics' language, else transcript's
+    pa.field("language_prob", pa.float32()),               # transcribe's probability of its language
     pa.field("transcript", pa.string()),
     pa.field("instrumental", pa.bool_()),
     pa.field("lyric_id", pa.string()),                     # canonical lyrics match (null: none)
     pa.field("lyrics_score", pa.float32()),
     pa.field("lyrics", pa.string()),                       # canonical lyrics with [verse]/[chorus] tags
+    pa.field("lyrics_lines", pa.list_(LYRICS_LINE)),      # each canonical line's time in the track
     pa.field("title", pa.string()),
     pa.field("artist", pa.string()),
     pa.field("bpm", pa.float64()),
+    pa.field("bpm_confidence", pa.float64()),              # 0-1: probability bpm is within 4% of the truth
+    pa.field("meter", pa.int32()),                         # beats per bar
     pa.field("key", pa.string()),
     pa.field("scale", pa.string()),
+    pa.field("key_confidence", pa.float64()),              # 0-1: probability key and scale are right
     pa.field("structure", pa.list_(SEGMENT)),              # rhythm's sections
     pa.field("caption", pa.string()),
     pa.field("tags", pa.list_(pa.string())),
+    pa.field("caption_finish_reason", pa.string()),        # stop | length (the answer was cut)
+    pa.field("recaption", RECAPTION),
+    pa.field("overridden", pa.list_(pa.string())),        # fields a person set (overrides/<dataset>.parquet)
     pa.field("shard", pa.string()),                        # shard-NNNNNN.tar holding the sample
     pa.field("flac_bytes", pa.int64()),
 ])

@@ -1,7 +1,8 @@
 """Stage 7, pack: the manifest and the WebDataset audio shards of one dataset.
 
 Reads the catalog and every configured stage's output (the current config's stage keys),
-keeps tracks that are ok everywhere and pass `pack.filter`, and writes
+puts a person's corrections (overrides/<dataset>.parquet, tasks/overrides.py) in place of the
+stage values they correct, keeps tracks that are ok everywhere and pass `pack.filter`, and writes
 
     shards/<dataset>/shard-NNNNNN.tar   WebDataset: <track_id>.flac, .json (metadata), .txt (lyrics)
     shards/<dataset>/index.parquet      shard, track_id, bytes, duration (written last)
@@ -10,11 +11,12 @@ keeps tracks that are ok everywhere and pass `pack.filter`, and writes
 
 Tracks go in track_id order (a hash: shards mix sources evenly), tar headers carry no clock
 or owner (tasks/shards.py), and a sample holds only what derives from the track's bytes and
-stage outputs (not where the file lies), so the same inputs and config give byte-identical
-shards. A shard is written under a hidden temporary name and renamed when complete. Before any
-shard changes, the index, manifest and rejects of the previous pack are removed, so an
-index on disk always describes the shards beside it: readers go by the index, never by a
-directory listing. The index records each shard's size and blake2b as written; a rerun whose
+stage outputs (not where the file lies), so the same inputs, overrides and config give
+byte-identical shards; the overrides' digest is part of the fingerprint, so a changed override
+packs again and an unchanged one does not. A shard is written under a hidden temporary name
+and renamed when complete. Before any shard changes, the index, manifest and rejects of the
+previous pack are removed, so an index on disk always describes the shards beside it: readers
+go by the index, never by a directory listing. The index records each shard's size and blake2b as written; a rerun whose
 inputs are unchanged stats every shard before it skips, and writes a missing or resized shard
 again from its own tracks (kept only if it comes out with the recorded checksum; else the
 whole dataset is packed again). Reason codes added here: `filtered` (the pack filter; detail
@@ -36,14 +38,16 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import soundfile as sf
 
 from schemas.common import STATUS_OK, reason_code
 from schemas.config import Config, ConfigError, section_dump
-from schemas.pack import (MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, SHARD_DIGEST_COLUMNS, SHARD_INDEX_SCHEMA,
-                          PackFilter)
+from schemas.pack import (MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, RECAPTION_KEYS, SHARD_DIGEST_COLUMNS,
+                          SHARD_INDEX_SCHEMA, PackFilter)
 from tasks.audio import load_track
 from tasks.ingest import content_hash
+from tasks.overrides import apply_overrides, load_overrides
 from tasks.shards import TMP_PREFIX, ShardWriter, damaged_shards, ordered_map, rewrite_shard
 from tasks.stage import dag_order, stage_keys
 from tasks.store import StageStore, StoreError
@@ -58,20 +62,30 @@ NOT_IN_SAMPLE = ("uri", "partition", "shard", "flac_bytes")
 
 
 # -- the manifest: join and filter ------------------------------------------------------------
-# The stage columns the manifest takes: only these are read (beats, words and alignments of
-# 1.8M tracks would not fit in memory, and the manifest does not carry them).
+# The stage columns the manifest takes: only these are read (beats, words and segments of
+# 1.8M tracks would not fit in memory, and the manifest does not carry them). A column that a
+# stage output does not have (written before the stage produced it) reads as null.
 STAGE_COLUMNS = {
     "probe": ["duration", "peak_dbfs", "rms_dbfs"],
     "aesthetics": ["ce", "cu", "pc", "pq"],
-    "transcribe": ["language", "text", "instrumental"],
-    "lyrics": ["lyric_id", "score", "language", "title", "artist", "lyrics"],
-    "rhythm": ["bpm", "key", "scale", "segments"],
-    "caption": ["description", "tags"],
+    "transcribe": ["language", "language_prob", "text", "instrumental"],
+    "lyrics": ["lyric_id", "score", "language", "title", "artist", "lyrics", "alignment"],
+    "rhythm": ["bpm", "bpm_confidence", "meter", "key", "scale", "key_confidence", "segments"],
+    "caption": ["description", "tags", "finish_reason", "recaption"],
 }
 
 
 def _get(row: dict, stage: str, field: str):
     return (row.get(stage) or {}).get(field)
+
+
+def _lyrics_lines(alignment: list[dict] | None) -> list[dict] | None:
+    return [{"start": a.get("start"), "end": a.get("end"), "section": a.get("section"), "text": a.get("line")}
+            for a in alignment] if alignment else None
+
+
+def _recaption(recaption: dict | None) -> dict | None:
+    return {k: recaption.get(k) for k in RECAPTION_KEYS} if recaption else None
 
 
 def manifest_row(track: dict) -> dict:
@@ -87,16 +101,21 @@ def manifest_row(track: dict) -> dict:
         "duration": probe_duration if probe_duration is not None else track.get("duration"),
         "peak_dbfs": _get(track, "probe", "peak_dbfs"), "rms_dbfs": _get(track, "probe", "rms_dbfs"),
         **{k: _get(track, "aesthetics", k) for k in ("ce", "cu", "pc", "pq")},
-        "language": language, "transcript": _get(track, "transcribe", "text"),
+        "language": language, "language_prob": _get(track, "transcribe", "language_prob"),
+        "transcript": _get(track, "transcribe", "text"),
         "instrumental": _get(track, "transcribe", "instrumental"),
         "lyric_id": _get(track, "lyrics", "lyric_id"), "lyrics_score": _get(track, "lyrics", "score"),
         "lyrics": _get(track, "lyrics", "lyrics") if matched else None,
+        "lyrics_lines": _lyrics_lines(_get(track, "lyrics", "alignment")) if matched else None,
         "title": _get(track, "lyrics", "title"), "artist": _get(track, "lyrics", "artist"),
-        "bpm": _get(track, "rhythm", "bpm"), "key": _get(track, "rhythm", "key"),
-        "scale": _get(track, "rhythm", "scale"),
+        "bpm": _get(track, "rhythm", "bpm"), "bpm_confidence": _get(track, "rhythm", "bpm_confidence"),
+        "meter": _get(track, "rhythm", "meter"), "key": _get(track, "rhythm", "key"),
+        "scale": _get(track, "rhythm", "scale"), "key_confidence": _get(track, "rhythm", "key_confidence"),
         "structure": [{"start": s.get("start"), "end": s.get("end"), "label": s.get("label")}
                       for s in structure] if structure else None,
         "caption": _get(track, "caption", "description"), "tags": _get(track, "caption", "tags"),
+        "caption_finish_reason": _get(track, "caption", "finish_reason"),
+        "recaption": _recaption(_get(track, "caption", "recaption")), "overridden": [],
         "shard": None, "flac_bytes": None,
     }
 
@@ -142,9 +161,24 @@ def filter_reason(row: dict, f: PackFilter) -> str | None:
     return None
 
 
-def candidates(store: StageStore, cfg: Config) -> tuple[list[tuple[dict, dict]], list[dict], dict]:
+def _present(store: StageStore, path: str, wanted: list[str]) -> list[str]:
+    """The wanted columns the file has (reading one it lacks would fail, and quarantine a good
+    file); all of them when its footer does not read (the read that follows quarantines it)."""
+    try:
+        with store.fs.open(path, "rb") as fh:
+            names = set(pq.read_schema(fh).names)
+    except (OSError, pa.ArrowException, ValueError):
+        return wanted
+    return [c for c in wanted if c in names]
+
+
+def candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None = None,
+               ) -> tuple[list[tuple[dict, dict]], list[dict], dict]:
     """(manifest row, catalog row) of every track kept by all stages and the filter, in
-    track_id order; the rows left out by the filter; counts of tracks not kept upstream."""
+    track_id order; the rows left out by the filter; counts of tracks not kept upstream.
+    `overrides` ({track_id: {field: value}}, tasks/overrides.py) replace stage values before
+    the filter looks at them."""
+    overrides = overrides or {}
     order = dag_order(cfg.stages)
     keys = stage_keys(cfg, order)
     kept: list[tuple[dict, dict]] = []
@@ -161,7 +195,7 @@ def candidates(store: StageStore, cfg: Config) -> tuple[list[tuple[dict, dict]],
                 upstream["stage_missing"] += len(rows)
                 rows = {}
                 break
-            columns = ["track_id", "status", *STAGE_COLUMNS.get(name, [])]
+            columns = _present(store, path, ["track_id", "status", *STAGE_COLUMNS.get(name, [])])
             table = store.read_table_or_quarantine(path, columns=columns)
             if table is None:   # quarantined: its tracks lack this stage's columns until curate reruns
                 reason = (f"stage_unreadable: {posixpath.relpath(path, store.root)} did not read and was "
@@ -179,7 +213,7 @@ def candidates(store: StageStore, cfg: Config) -> tuple[list[tuple[dict, dict]],
                 else:
                     rows[tid][name] = up
         for track in rows.values():
-            row = manifest_row(track)
+            row = apply_overrides(manifest_row(track), overrides.get(track["track_id"]))
             reason = filter_reason(row, cfg.pack.filter)
             if reason is None and not track.get("uri_raw"):
                 reason = "missing_field: uri_raw is null (the catalog row has no path to open)"
@@ -248,14 +282,17 @@ def encode_sample(pair: tuple[dict, dict], cfg: Config) -> tuple[dict, dict[str,
     return row, files, None
 
 
-def fingerprint(cfg: Config, dataset: str, keys: dict[str, str], track_ids: list[str]) -> str:
+def fingerprint(cfg: Config, dataset: str, keys: dict[str, str], track_ids: list[str],
+                overrides: str = "") -> str:
     """What decides the shards' bytes: the pack and audio config (not the thread count or
-    the report switch), the stage keys, the tracks."""
+    the report switches), the manifest's columns (a sample's JSON is its row), the stage keys,
+    the overrides' digest, the tracks."""
     pack_cfg = section_dump(cfg.pack)
-    for knob in ("workers", "report", "enabled"):
+    for knob in ("workers", "report", "review_per_label", "enabled"):
         pack_cfg.pop(knob, None)
     blob = json.dumps({"dataset": dataset, "pack": pack_cfg, "audio": section_dump(cfg.audio),
-                       "keys": keys, "tracks": track_ids}, sort_keys=True)
+                       "manifest": MANIFEST_SCHEMA.to_string(show_schema_metadata=False),
+                       "keys": keys, "overrides": overrides, "tracks": track_ids}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -289,14 +326,20 @@ def _pack(cfg: Config, dataset: str, store: StageStore, expect_fingerprint: str 
     index_path = posixpath.join(shard_dir, "index.parquet")
     manifest_path = store.path("manifest", f"{dataset}.parquet")
     rejects_path = posixpath.join(shard_dir, "rejects.parquet")
-    pairs, rejects, upstream = candidates(store, cfg)
-    fp = fingerprint(cfg, dataset, upstream["keys"], [r["track_id"] for r, _ in pairs])
+    by_track, overrides_digest = load_overrides(store, dataset)
+    pairs, rejects, upstream = candidates(store, cfg, by_track)
+    fp = fingerprint(cfg, dataset, upstream["keys"], [r["track_id"] for r, _ in pairs], overrides_digest)
     if expect_fingerprint is not None and fp != expect_fingerprint:
         raise StoreError(f"dataset {dataset} was packed from other inputs than this config and the stage "
                          f"outputs give now (fingerprint {expect_fingerprint}, now {fp}): if stage outputs "
                          "were quarantined run `acepipe run` first; then `acepipe pack --dataset "
                          f"{dataset}` with the config that packed it")
-    summary = {"dataset": dataset, "work_root": cfg.work_root, "fingerprint": fp, "rewritten": [], **upstream}
+    unused = set(by_track) - {r["track_id"] for r, _ in pairs} - {r["track_id"] for r in rejects}
+    if unused:   # set for a track that no stage kept, or not yet processed: said, not silently dropped
+        log.warning("pack %s: overrides of %d track(s) not kept upstream apply to nothing: %s", dataset,
+                    len(unused), ", ".join(sorted(unused)[:5]))
+    summary = {"dataset": dataset, "work_root": cfg.work_root, "fingerprint": fp, "rewritten": [],
+               "overrides": sum(len(f) for f in by_track.values()), **upstream}
 
     _remove_temporaries(store, shard_dir)
     index = _read_index(store, index_path)
@@ -334,7 +377,8 @@ def _pack(cfg: Config, dataset: str, store: StageStore, expect_fingerprint: str 
     _remove_stale_shards(store, shard_dir, set(shards))
 
     manifest = pa.Table.from_pylist(packed, schema=MANIFEST_SCHEMA).replace_schema_metadata(
-        {"stage_keys": json.dumps(upstream["keys"], sort_keys=True), "dataset": dataset, "fingerprint": fp})
+        {"stage_keys": json.dumps(upstream["keys"], sort_keys=True), "dataset": dataset, "fingerprint": fp,
+         "overrides": overrides_digest})
     rejects.sort(key=lambda r: r["track_id"])
     store.write_table(manifest_path, manifest)
     store.write_table(rejects_path, pa.Table.from_pylist(rejects, schema=PACK_REJECTS_SCHEMA))

@@ -28,11 +28,13 @@ def test_every_deployments_parameters_validate_and_are_explicit():
     the scheduled run at 02:00, not here); the nightly schedule spells out every field."""
     import yaml
 
+    from flows.export import ExportParams
     from flows.params import DatasetParams, RunParams
     from flows.pipeline import PipelineParams
     from flows.train import TrainParams
 
     models = {"flows/curate.py:curate": RunParams, "flows/pack.py:pack": DatasetParams,
+              "flows/export.py:export": ExportParams,
               "flows/latents.py:latents": DatasetParams, "flows/train.py:train": TrainParams,
               "flows/pipeline.py:pipeline": PipelineParams}
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
@@ -105,7 +107,8 @@ def test_deployment_runs_on_a_real_server(prefect_server, synth_corpus, tmp_path
     deployments = api(url, "/deployments/filter", {})
     flows_by_id = {f["id"]: f["name"] for f in api(url, "/flows/filter", {})}
     names = {f"{flows_by_id[d['flow_id']]}/{d['name']}" for d in deployments}
-    assert names == {"curate/nightly", "pack/default", "latents/default", "train/default", "pipeline/full"}
+    assert names == {"curate/nightly", "pack/default", "latents/default", "train/default", "pipeline/full",
+                     "export/default"}
     nightly = next(d for d in deployments if d["name"] == "nightly")
     assert nightly["schedules"] and nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
     form = next(d for d in deployments if d["name"] == "full")["parameter_openapi_schema"]

@@ -270,6 +270,26 @@ def test_an_unreadable_stage_output_rejects_its_tracks_and_pack_goes_on(work, tm
     assert_consistent(store, "default")
 
 
+def test_a_stage_output_without_a_newer_column_gives_nulls_not_quarantine(work, tmp_path):
+    """Outputs written before a stage produced a column still pack: the column is null there
+    (scale stands in for a newer column here: the fixture's rhythm rows give it values)."""
+    copy = tmp_path / "work"
+    shutil.copytree(work.cfg.work_root, copy, ignore=shutil.ignore_patterns("shards", "manifest", ".lock-*"))
+    cfg = with_overrides(work.cfg, work=copy)
+    store = StageStore(cfg.work_root)
+    keys = json.loads(pq.read_schema(work.store.path("manifest", "default.parquet")).metadata[b"stage_keys"])
+    older = Path(store.stage_path("rhythm", keys["rhythm"], 1))
+    pq.write_table(pq.read_table(older).drop_columns(["bpm_confidence", "meter", "scale"]), older)
+    summary = pack(cfg)
+    assert older.exists() and not (copy / "quarantine").exists()
+    assert summary["packed"] == work.summary["packed"]
+    assert any(r["partition"] == 1 and r["scale"] for r in work.manifest)
+    for before, after in zip(work.manifest, manifest_of(store, "default")):
+        for column in ("bpm", "key", "bpm_confidence", "meter", "scale"):
+            lacks = after["partition"] == 1 and column in ("bpm_confidence", "meter", "scale")
+            assert after[column] == (None if lacks else before[column]), column
+
+
 def _expected(rows, predicate):
     return sorted(r["track_id"] for r in rows if predicate(r))
 
@@ -581,6 +601,12 @@ def test_flow_writes_shards_report_and_artifact(prefect_harness, work):
     assert all(f"]({c})" in report for c in charts) and f"**{summary['packed']}**" in report
     artifact = Artifact.get("dataset-report-flow-run")
     assert artifact is not None and artifact.data.count("data:image/png;base64,") == len(charts)
+    review = Artifact.get("review-flow-run")    # the lowest-confidence tracks, as a table
+    table = json.loads(review.data) if isinstance(review.data, str) else review.data
+    lowest_pq = sorted((r["pq"], r["track_id"]) for r in manifest_of(work.store, "flow_run"))[:10]
+    assert review.type == "table"
+    assert [(r["track_id"], r["rank"]) for r in table if r["label"] == "pq"] == \
+        [(tid, i + 1) for i, (_, tid) in enumerate(lowest_pq)]
     assert pack_flow(params)["skipped"] is True
 
 
@@ -597,3 +623,117 @@ def test_cli_packs_and_refuses_an_empty_work_root(prefect_harness, work, tmp_pat
     assert main(["pack", "--config", "tiny", "--work", str(tmp_path / "empty")]) == 2
     assert "no catalog" in capsys.readouterr().err
     assert main(args[:-2] + ["--dataset", "../escape"] + args[-2:]) == 2
+
+
+# -- the tiny pipeline's own stage outputs: confidences, meter, line times; overrides over a rerun --
+@pytest.fixture(scope="module")
+def real_run(prefect_harness, synth_corpus, tiny_models_dir, tmp_path_factory):
+    """A curate run of the tiny profile (Essentia's tempo: the tiny Beat This gives none), then
+    the real lyrics stage's match of one kept track against a transcript of a database song
+    (the tiny Whisper transcribes noise, which matches nothing), written as that stage writes."""
+    from flows.curate import curate
+    from flows.params import RunParams
+    from schemas.config import load_config
+    from tasks.lyrics import LyricsStage
+    from tasks.lyrics_index import lyric_lines, read_lyrics_db
+    from tasks.stage import dag_order, stage_keys
+
+    work = tmp_path_factory.mktemp("real") / "work"
+    overrides = [f"models.tiny_dir={tiny_models_dir}", f"lyrics_db={synth_corpus / 'lyrics.parquet'}",
+                 "rhythm.beat_tracker=essentia"]
+    summary = curate(RunParams(config="tiny", work_root=str(work), sources=[str(synth_corpus / "audio")],
+                               overrides=overrides))
+    assert summary["failed_tasks"] == [] and summary["pending"] == 0
+    cfg = load_config("tiny", [f"work_root={work}", *overrides], environ={})
+    store = StageStore(cfg.work_root)
+    keys = stage_keys(cfg, dag_order(cfg.stages))
+    kept, _, _ = candidates(store, cfg)
+    row, track = kept[0]
+    song = next(r for r in read_lyrics_db(str(synth_corpus / "lyrics.parquet")).rows if r["language"] == "en")
+    lines = [line for _, line in lyric_lines(song["lyrics"])]
+    heard = {"text": " ".join(lines), "language": "en", "instrumental": False,
+             "segments": [{"start": 2.0 + 3 * i, "end": 4.5 + 3 * i, "text": line} for i, line in enumerate(lines)]}
+    stage = LyricsStage(cfg)
+    stage.setup()
+    [sung] = stage.process([{"track_id": row["track_id"], "transcribe": heard}])
+    assert sung["lyric_id"] == song["lyric_id"] and len(sung["alignment"]) == len(lines)
+    path = store.stage_path("lyrics", keys["lyrics"], row["partition"])
+    rows = [sung if r["track_id"] == row["track_id"] else r for r in store.read_table(path).to_pylist()]
+    store.write_table(path, pa.Table.from_pylist(rows, schema=LyricsStage.schema))
+    return SimpleNamespace(cfg=cfg, overrides=overrides, store=store, keys=keys, sung=sung,
+                           synth_corpus=synth_corpus)
+
+
+def _stage_rows(store: StageStore, stage: str, key: str) -> dict[str, dict]:
+    rows = {}
+    for p in store.catalog_partitions():
+        path = store.stage_path(stage, key, p)
+        if store.exists(path):
+            rows.update({r["track_id"]: r for r in store.read_table(path).to_pylist()})
+    return rows
+
+
+def test_manifest_carries_confidences_meter_and_line_times_of_real_stage_outputs(real_run):
+    store, keys = real_run.store, real_run.keys
+    summary = pack(real_run.cfg, "real")
+    rows = manifest_of(store, "real")
+    assert len(rows) == summary["packed"] > 0
+    transcribe, lyrics, rhythm, caption = (_stage_rows(store, name, keys[name])
+                                           for name in ("transcribe", "lyrics", "rhythm", "caption"))
+    for row in rows:
+        tid = row["track_id"]
+        assert row["language_prob"] == transcribe[tid]["language_prob"]
+        assert (row["bpm"], row["bpm_confidence"], row["meter"]) == \
+            (rhythm[tid]["bpm"], rhythm[tid]["bpm_confidence"], rhythm[tid]["meter"])
+        assert row["key_confidence"] == rhythm[tid].get("key_confidence")     # null until rhythm gives it
+        assert row["caption_finish_reason"] == caption[tid].get("finish_reason")
+        alignment = lyrics[tid]["alignment"] if lyrics[tid]["lyric_id"] else None
+        assert row["lyrics_lines"] == ([{"start": a["start"], "end": a["end"], "section": a["section"],
+                                         "text": a["line"]} for a in alignment] if alignment else None)
+        assert row["overridden"] == []
+    # Real values, not nulls passed along: Essentia's tempo and meter, Whisper's language odds,
+    # and the one matched track's line times (the transcript segments it was aligned to).
+    assert any(r["meter"] for r in rows) and all(r["language_prob"] > 0 for r in rows)
+    assert all(0 <= r["bpm_confidence"] <= 1 for r in rows if r["bpm_confidence"] is not None)
+    matched = [r for r in rows if r["lyrics_lines"]]
+    assert [r["track_id"] for r in matched] == [real_run.sung["track_id"]]
+    assert [line["start"] for line in matched[0]["lyrics_lines"]] == [2.0 + 3 * i for i in
+                                                                     range(len(matched[0]["lyrics_lines"]))]
+    assert {line["section"] for line in matched[0]["lyrics_lines"]} >= {"verse", "chorus"}
+
+
+def test_an_override_survives_a_curate_rerun_and_matches_a_clean_pack(real_run):
+    """A person corrects a key; a config change makes curate recompute rhythm and caption; the
+    re-pack holds the person's key and otherwise exactly what a pack without the override holds."""
+    from flows.curate import curate
+    from flows.params import RunParams
+    from schemas.config import load_config
+    from tasks.overrides import set_override
+
+    store = real_run.store
+    first = pack(real_run.cfg, "corrected")
+    track_id = manifest_of(store, "corrected")[-1]["track_id"]
+    set_override(store, "corrected", track_id, "key", "Bb", "ana")
+    set_override(store, "corrected", track_id, "scale", "minor", "ana")
+    with_override = pack(real_run.cfg, "corrected")
+    assert with_override["fingerprint"] != first["fingerprint"]
+
+    changed = [*real_run.overrides, "rhythm.min_key_strength=0.1"]
+    summary = curate(RunParams(config="tiny", work_root=real_run.cfg.work_root,
+                               sources=[str(real_run.synth_corpus / "audio")], overrides=changed))
+    ran = {s["stage"]: s["partitions_run"] for s in summary["stages"]}
+    assert ran["rhythm"] > 0 and ran["caption"] > 0 and ran["transcribe"] == 0
+    cfg = load_config("tiny", [f"work_root={real_run.cfg.work_root}", *changed], environ={})
+    after = pack(cfg, "corrected")
+    clean = pack(cfg, "clean")
+    assert after["keys"]["rhythm"] != with_override["keys"]["rhythm"] and after["skipped"] is False
+    a, b = manifest_of(store, "clean"), manifest_of(store, "corrected")
+    assert [r["track_id"] for r in a] == [r["track_id"] for r in b]
+    for x, y in zip(a, b):
+        differ = {k for k in x if k not in ("shard", "flac_bytes") and x[k] != y[k]}
+        if x["track_id"] == track_id:
+            assert (y["key"], y["scale"], y["overridden"]) == ("Bb", "minor", ["key", "scale"])
+            assert differ <= {"key", "scale", "overridden"} and "overridden" in differ
+        else:
+            assert differ == set(), x["track_id"]
+    assert pack(cfg, "corrected")["skipped"] is True and clean["fingerprint"] != after["fingerprint"]
