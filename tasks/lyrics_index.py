@@ -194,7 +194,7 @@ class LyricsIndex:
                 continue
             for key in self.lsh.query(_minhash(sh, self.params)):
                 lid = key.decode() if isinstance(key, bytes) else key
-                lid = lid.split("\x1f", 1)[0]
+                lid = lid.rsplit("\x1f", 1)[0]   # from the right: a lyric_id may hold the separator
                 votes[lid] = votes.get(lid, 0) + 1
         return [lid for lid, _ in sorted(votes.items(), key=lambda kv: -kv[1])[: self.params.max_candidates]]
 

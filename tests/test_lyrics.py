@@ -221,6 +221,27 @@ def test_redis_storage_round_trip(db_rows, redis_url):
     assert built.match(ipa)[0] == attached.match(ipa)[0] == song["lyric_id"]
 
 
+def test_index_for_keeps_its_lsh_in_redis_and_refills_an_empty_one(synth_corpus, db_rows, redis_url, tmp_path):
+    """Another process needs only Redis and the songs; a Redis that comes back empty (it keeps
+    nothing on restart) is refilled from the persisted index, not left empty."""
+    db, store = str(synth_corpus / "lyrics.parquet"), StageStore(tmp_path / "work")
+    song = next(r for r in db_rows if r["language"] == "fr")
+    ipa = Phonemizer().ipa([normalise(" ".join(sung_lines(song["lyrics"])))], ["fr"])[0]
+
+    def attached(storage: dict) -> str | None:   # a process holding no signatures of its own
+        index = LyricsIndex(built.params, pa.Table.from_pylist(list(built.songs.values())),
+                            built.signatures.slice(0, 0), storage)
+        return index.match(ipa)[0]
+
+    first = redis_storage(redis_url, "acepipe-test-first")
+    built, _ = index_for(db, store, IndexParams(), first)
+    assert attached(first) == song["lyric_id"]
+    assert attached(redis_storage(redis_url, "acepipe-test-never-filled")) is None
+    restarted = redis_storage(redis_url, "acepipe-test-restarted")
+    index_for(db, store, IndexParams(), restarted)   # loaded from the store this time
+    assert attached(restarted) == song["lyric_id"]
+
+
 def test_stage_matches_and_aligns_transcribe_rows(synth_corpus, make_cfg, db_rows):
     cfg = make_cfg(f"lyrics_db={synth_corpus / 'lyrics.parquet'}")
     stage = LyricsStage(cfg)
