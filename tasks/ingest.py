@@ -89,11 +89,14 @@ def discover(sources: list[str], cfg: Config) -> list[Found]:
             if not fs.exists(root):
                 raise SourceError(f"source {source!r} does not exist")
             for path, info in sorted(fs.find(root, detail=True).items()):
-                if _wanted(path.encode(), cfg):
+                # surrogateescape: a non-UTF-8 name on a local or mounted filesystem becomes a
+                # reject row like any unreadable file, not a crash of the whole run
+                if _wanted(path.encode("utf-8", "surrogateescape"), cfg):
                     url = fs.unstrip_protocol(path)
                     mtime = info.get("mtime") or info.get("LastModified") or 0
                     mtime_ns = int(getattr(mtime, "timestamp", lambda: mtime)() * 1e9)
-                    found.append(Found(url.encode(), int(info.get("size") or 0), mtime_ns))
+                    found.append(Found(url.encode("utf-8", "surrogateescape"), int(info.get("size") or 0),
+                                       mtime_ns))
             continue
         local = os.fsencode(source[len("file://"):] if source.startswith("file://") else source)
         if not os.path.exists(local):
@@ -338,7 +341,7 @@ def _source_update(row: dict, uris: list[str], listing: Listing, located: dict[s
         reason = (f"source_changed: {replaced[0]} now holds other audio "
                   f"(new track {listing[replaced[0]][1]})")
     elif unread:
-        detail = listing[unread[0]][2].rsplit("(", 1)[-1].rstrip(")")
+        detail = listing[unread[0]][2].split("(", 1)[-1].removesuffix(")")   # a cause may hold "(...)"
         reason = f"source_missing: {unread[0]} cannot be read ({detail})"
     else:
         others = {1: "", 2: " (nor does its alias)"}.get(len(uris), f" (nor do its {len(uris) - 1} aliases)")

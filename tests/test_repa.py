@@ -101,3 +101,56 @@ def test_the_step_aligns_the_output_of_the_configured_block(tiny_models_dir, dep
     torch.testing.assert_close(moved["flow"], out["flow"])     # same noise, same velocity
     for name in ("repa_mert", "repa_mhubert"):
         assert abs(moved[name] - out[name]) > 1e-4, (name, float(moved[name]), float(out[name]))
+
+
+def test_the_step_pools_the_targets_over_the_dit_patch_width(tiny_models_dir):
+    """With dit.patch_time=2 a token covers two latent frames: the step's REPA terms average the
+    targets over each token's frames (the heads told the token width), not frame by frame."""
+    cfg = load_train_config("tiny", [f"tiny_dir={tiny_models_dir}", "dit.patch_time=2"])
+    module, collate = tiny_module(cfg)
+    batch = collate([decoded_sample(make_track(0, 12)), decoded_sample(make_track(3, 10))])
+    seen = {}
+    hook = module.repa.register_forward_pre_hook(lambda mod, args: seen.__setitem__("hidden", args[0].clone()))
+    with torch.no_grad():
+        out = module.losses(module.net, batch, t=torch.tensor([0.3, 0.6]), generator=torch.Generator().manual_seed(0))
+        hook.remove()
+        assert seen["hidden"].shape[1] == 6                      # 12 frames, 2 per token
+        by_token = module.repa(seen["hidden"], batch["targets"], 2)
+        by_frame = module.repa(seen["hidden"], batch["targets"], 1)
+    for name in ("mert", "mhubert"):
+        torch.testing.assert_close(out[f"repa_{name}"], by_token[name])
+        assert abs(by_token[name] - by_frame[name]) > 1e-4, name
+
+
+def test_one_valid_position_and_tokens_without_frames():
+    a = torch.randn(1, 4, 7)
+    only_one = torch.tensor([[False, False, True, False]])
+    torch.testing.assert_close(cosine_loss(a, -a, only_one), torch.tensor(2.0))   # not halved
+    feats = torch.arange(6.0).view(1, 6, 1)
+    pooled, pmask = pool_to_tokens(feats, torch.tensor([[1, 1, 0, 0, 1, 1]], dtype=torch.bool), 2, 3)
+    assert pmask.tolist() == [[True, False, True]] and pooled[0, [0, 2], 0].tolist() == [0.5, 4.5]
+
+
+def test_a_target_missing_or_empty_in_the_batch_does_not_hide_the_next():
+    heads = RepaHeads(32, REPA)
+    hidden, frames = torch.randn(2, 10, 32), torch.ones(2, 10, dtype=torch.bool)
+    assert set(heads(hidden, {"mhubert": (torch.randn(2, 10, 6), frames)})) == {"mhubert"}
+    both = {"mert": (torch.randn(2, 10, 12), torch.zeros_like(frames)), "mhubert": (torch.randn(2, 10, 6), frames)}
+    assert set(heads(hidden, both)) == {"mhubert"}
+
+
+@pytest.mark.parametrize("layers", [1, 2, 4])
+def test_projectors_have_the_configured_number_of_layers(layers):
+    heads = RepaHeads(32, REPA.model_copy(update={"projector_layers": layers}))
+    for projector in heads.projectors.values():
+        kinds = [type(m).__name__ for m in projector]
+        assert kinds == ["Linear", "SiLU"] * (layers - 1) + ["Linear"]
+
+
+def test_align_to_frames_samples_at_frame_centres_and_keeps_the_dtype():
+    ramp = torch.arange(4.0).view(4, 1).expand(4, 3)                 # 4 feature frames, values 0..3
+    # two latent frames cover feature frames 0-1 and 2-3: their centres sit at 0.5 and 2.5
+    assert align_to_frames(ramp, 2)[:, 0].tolist() == [0.5, 2.5]
+    square = torch.randn(75, 11)                                     # feature size == frame count
+    assert align_to_frames(square, 11).shape == (11, 11)
+    assert align_to_frames(torch.randn(75, 4, dtype=torch.float16), 11).dtype == torch.float16
