@@ -274,3 +274,298 @@ def test_two_processes_never_compute_the_same_partition_twice(tmp_path, tiny_mod
     assert [p.wait(120) for p in procs] == [0, 0]
     batches = log.read_text().split()
     assert sorted(batches) == sorted(f"p{p}t0,p{p}t1,p{p}t2" for p in range(4))   # each once
+
+
+# -- the store's own API: layout, bytes, listings, quarantine, the lock's owner --------------
+
+def test_the_layout_of_a_work_root(tmp_path):
+    store = StageStore(tmp_path / "work")
+    assert store.local and not StageStore("memory://bucket/work").local
+    assert store.catalog_path(3) == f"{tmp_path}/work/catalog/part-00003.parquet"
+    assert store.stage_path("probe", "abc", 123456) == f"{tmp_path}/work/stages/probe/abc/part-123456.parquet"
+
+
+def test_bytes_round_trip_and_leave_no_temporary_file(tmp_path, monkeypatch):
+    store = StageStore(tmp_path / "work")
+    path = store.path("deep", "er", "blob.bin")
+    moves = []
+    mv = store.fs.mv
+    monkeypatch.setattr(store.fs, "mv", lambda src, dst: (moves.append((src, dst)), mv(src, dst)))
+    store.write_bytes(path, b"\x00payload\xff")
+    monkeypatch.undo()
+    assert store.read_bytes(path) == b"\x00payload\xff"
+    [(tmp, dst)] = moves      # a hidden sibling renamed into place: the same directory, so the rename is atomic
+    assert dst == path and tmp.startswith(store.path("deep", "er", ".tmp-")) and tmp.endswith("-blob.bin")
+    assert store.listdir(store.path("deep", "er")) == ["blob.bin"]
+    assert store.listdir(store.path("nowhere")) == []
+
+
+def test_stream_digest_is_blake2b_128_of_every_chunk():
+    import hashlib
+    import io
+
+    from tasks.store import stream_digest
+
+    data = bytes(range(256)) * (9 * 2**20 // 256 + 7)       # over two 4 MiB chunks and a tail
+    assert stream_digest(io.BytesIO(data)) == (len(data), hashlib.blake2b(data, digest_size=16).hexdigest())
+    assert stream_digest(io.BytesIO(b"")) == (0, hashlib.blake2b(b"", digest_size=16).hexdigest())
+
+
+def test_check_writable_leaves_nothing_and_names_a_root_it_cannot_use(tmp_path):
+    from tasks.store import StoreError
+
+    store = StageStore(tmp_path / "work")
+    store.check_writable()
+    assert list((tmp_path / "work").iterdir()) == []
+    store.write_bytes(store.path("catalog", "part-00000.parquet"), b"x")
+    store.check_writable()                       # a rerun: the root exists and holds work
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["catalog"]
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(StoreError) as err:
+        StageStore(tmp_path / "afile" / "work").check_writable()
+    assert str(err.value).startswith(f"work root '{tmp_path / 'afile' / 'work'}' is not writable: ")
+
+
+def test_listings_of_partitions_and_keys(store):
+    for key, part in (("k1", 7), ("k1", 0), ("k2", 12)):
+        store.write_table(store.stage_path("upper", key, part), pa.table({"a": [1]}))
+    store.write_bytes(store.path("stages", "upper", "k1", "part-7.parquet"), b"x")   # not a partition name
+    store.write_bytes(store.path("stages", "upper", "k1", "notes.txt"), b"x")
+    assert store.glob_partitions(store.path("stages", "upper", "k1")) == [0, 7]
+    assert store.glob_partitions(store.path("stages", "upper", "k9")) == []
+    assert sorted(store.stage_keys_on_disk("upper")) == ["k1", "k2"]
+    assert store.stage_keys_on_disk("lower") == []
+    assert store.catalog_partitions() == [0]
+
+
+def test_read_catalog_of_every_partition_or_none(store, tmp_path):
+    from schemas.common import CATALOG_SCHEMA
+
+    more = [{"track_id": "n0", "status": "ok", "uri": "/y/0", "bytes": 9, "partition": 2}]
+    store.write_table(store.catalog_path(2), pa.Table.from_pylist(more, schema=CATALOG_SCHEMA))
+    assert store.read_catalog().column("track_id").to_pylist() == ["t0", "t1", "t2", "bad", "n0"]
+    assert store.read_catalog(2).column("track_id").to_pylist() == ["n0"]
+    older = [{"track_id": "o0", "status": "ok", "uri": "/y/o", "bytes": 3}]    # written before `partition` existed
+    store.write_table(store.catalog_path(3), pa.Table.from_pylist(older))
+    assert store.read_catalog().column("partition").to_pylist() == [0, 0, 0, 0, 2, None]
+    empty = StageStore(tmp_path / "empty").read_catalog()
+    assert empty.num_rows == 0 and empty.schema.equals(CATALOG_SCHEMA)
+
+
+def test_reads_of_some_columns(store):
+    table = pa.table({"track_id": ["a"], "status": ["ok"], "score": [0.5]})
+    path = store.stage_path("upper", "k", 0)
+    store.write_table(path, table)
+    assert store.read_stage("upper", "k", 0, columns=["score"]).column_names == ["score"]
+    assert store.read_table_or_quarantine(path, columns=["status"]).column_names == ["status"]
+    assert store.read_table_or_quarantine(store.stage_path("upper", "k", 1)) is None   # missing: None
+
+
+def test_outputs_are_zstd_compressed_with_page_checksums(store):
+    """A byte flipped inside a page of incompressible data still decompresses: only Parquet's page
+    checksum tells, and only a full read (acepipe verify) looks at it."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    path = store.stage_path("upper", "k", 0)
+    store.write_table(path, pa.table({"a": [os.urandom(4000)]}))
+    meta = pq.read_metadata(path).row_group(0).column(0)
+    assert meta.compression == "ZSTD"
+    start = meta.dictionary_page_offset if meta.has_dictionary_page else meta.data_page_offset
+    data = bytearray(open(path, "rb").read())
+    data[start + meta.total_compressed_size // 10] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    assert pq.read_table(path, page_checksum_verification=False).num_rows == 1   # reads, wrongly
+    assert store.unreadable(path) is None                   # the footer reads
+    assert store.unreadable(path, full=True).startswith(
+        "OSError: could not verify page integrity, CRC checksum verification failed")
+    assert store.read_table_or_quarantine(path) is None and not store.exists(path)
+    store.write_bytes(path, b"PAR1" + b"x" * 64)
+    assert store.unreadable(path).startswith("ArrowInvalid: ") and "magic bytes not found" in store.unreadable(path)
+    with pytest.raises(FileNotFoundError):
+        store.unreadable(store.stage_path("upper", "k", 9))
+
+
+def test_listings_on_an_object_store(tmp_path):
+    import uuid
+
+    store = StageStore(f"memory://list-{uuid.uuid4().hex}/work")
+    try:
+        for name in ("part-00002.parquet", "part-00000.parquet", "notes.txt"):
+            store.write_bytes(store.path("catalog", name), b"x")
+        store.write_bytes(store.path("catalog", "sub", "f"), b"x")
+        assert sorted(store.listdir(store.path("catalog"))) == \
+            ["notes.txt", "part-00000.parquet", "part-00002.parquet", "sub"]
+        assert store.catalog_partitions() == [0, 2]
+        store.write_bytes(store.path("stages", "probe", "k1", "part-00000.parquet"), b"x")
+        assert store.stage_keys_on_disk("probe") == ["k1"] and store.stage_keys_on_disk("tag") == []
+        assert store.listdir(store.path("nowhere")) == [] and store.glob_partitions(store.path("nowhere")) == []
+    finally:
+        store.fs.rm(store.root, recursive=True)
+
+
+def test_a_quarantined_file_keeps_its_path_and_a_utc_stamp(store, caplog, monkeypatch):
+    import re
+    import time
+    from calendar import timegm
+
+    path = store.stage_path("upper", "k", 0)
+    store.write_bytes(path, b"damaged")
+    monkeypatch.setenv("TZ", "XXX-11")        # the machine's zone must not show in the stamp
+    time.tzset()
+    try:
+        before = time.time()
+        with caplog.at_level("WARNING", logger="acepipe.store"):
+            dest = store.quarantine(path, "ArrowInvalid: not parquet")
+        after = time.time()
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert not store.exists(path) and open(dest, "rb").read() == b"damaged"
+    name = re.fullmatch(re.escape(store.path("quarantine", "stages", "upper", "k", "part-00000.parquet"))
+                        + r"\.(\d{8}T\d{6}Z)-[0-9a-f]{6}", dest)
+    assert name, dest
+    stamp = timegm(time.strptime(name.group(1), "%Y%m%dT%H%M%SZ"))
+    assert int(before) <= stamp <= after
+    assert [r.getMessage() for r in caplog.records] == \
+        [f"quarantined {path} (ArrowInvalid: not parquet) -> {dest}; it will be recomputed"]
+
+
+def test_a_table_that_does_not_read_is_quarantined_with_the_error(store, caplog, monkeypatch):
+    path = store.stage_path("upper", "k", 0)
+    store.write_bytes(path, b"PAR1" + b"x" * 64)
+    with caplog.at_level("WARNING", logger="acepipe.store"):
+        assert store.read_table_or_quarantine(path) is None
+    assert "(ArrowInvalid: " in caplog.text and "Parquet magic bytes not found" in caplog.text
+    assert not store.exists(path)
+
+    store.write_bytes(path, b"x")            # a long error is cut: one readable log line
+    monkeypatch.setattr(store, "read_table", lambda *a, **k: (_ for _ in ()).throw(OSError("e" * 500)))
+    with caplog.at_level("WARNING", logger="acepipe.store"):
+        caplog.clear()
+        assert store.read_table_or_quarantine(path) is None
+    assert f"(OSError: {'e' * 200}) -> " in caplog.text
+    monkeypatch.setattr(store.fs, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("e" * 500)))
+    assert store.unreadable(path) == f"OSError: {'e' * 200}"
+
+
+def _write_lock(store, name: str, owner: str) -> str:
+    path = store.path(f".lock-{name}")
+    store.write_bytes(path, owner.encode())
+    return path
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def test_a_lock_left_by_a_dead_process_of_this_host_is_broken(store):
+    import json
+    import socket
+
+    path = _write_lock(store, "ingest", json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+    with store.lock("ingest", timeout_s=0.2, poll_s=0.05):
+        assert json.loads(store.read_bytes(path))["pid"] != _dead_pid()   # ours now
+    assert not store.exists(path)
+
+
+@pytest.mark.parametrize("owner, shown", [
+    ("", "a run starting right now"),          # being written: never broken
+    ("live-here", "pid {pid} on {host} since ?"),
+    ("other-user", "pid {pid} on {host} since ?"),   # alive, but not ours to signal
+    ("dead-elsewhere", "pid {dead} on another-host since 2026-01-01T00:00:00Z"),   # its pids are not ours to check
+])
+def test_a_lock_that_may_be_live_is_waited_for_and_named(store, caplog, monkeypatch, owner, shown):
+    import json
+    import os
+    import socket
+
+    from tasks.store import StoreError
+
+    dead = _dead_pid()
+    if owner == "other-user":
+        def kill(pid, sig):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(os, "kill", kill)
+    content = {"": "",
+               "live-here": json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
+               "other-user": json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
+               "dead-elsewhere": json.dumps({"pid": dead, "host": "another-host",
+                                             "since": "2026-01-01T00:00:00Z"})}[owner]
+    path = _write_lock(store, "ingest", content)
+    shown = shown.format(pid=os.getpid(), host=socket.gethostname(), dead=dead)
+    with caplog.at_level("WARNING", logger="acepipe.store"), pytest.raises(StoreError) as err:
+        with store.lock("ingest", timeout_s=0.3, poll_s=0.05):
+            pass
+    assert str(err.value) == (f"{store.url}/.lock-ingest is held by another run ({shown}) for over 0 s; "
+                              "if no run is active, delete the file")
+    assert caplog.text.count(f"waiting for the ingest lock of {store.url}, held by {shown}") == 1   # said once
+    assert store.read_bytes(path) == content.encode()     # left as it was
+
+
+def test_on_an_object_store_the_lock_is_a_conditional_create(tmp_path):
+    import uuid
+
+    from tasks.store import StoreError
+
+    root = f"memory://lock-{uuid.uuid4().hex}/work"
+    first, second = StageStore(root), StageStore(root)
+    assert not first.local
+    try:
+        with first.lock("ingest"):
+            with pytest.raises(StoreError, match=r"/\.lock-ingest is held by another run \(pid \d+ on "):
+                with second.lock("ingest", timeout_s=0.2, poll_s=0.05):
+                    pass
+        with second.lock("ingest", timeout_s=0.2, poll_s=0.05):    # released: the next run takes it
+            assert second.exists(second.path(".lock-ingest"))
+        assert not first.exists(first.path(".lock-ingest"))
+    finally:
+        first.fs.rm(first.root, recursive=True)
+
+
+def test_a_filesystem_that_cannot_create_only_if_absent_stops_the_run(tmp_path, monkeypatch):
+    from tasks.store import StoreError
+
+    store = StageStore("memory://no-create-mode/work")
+
+    def pipe_file(path, value, **kwargs):
+        raise TypeError("pipe_file() got an unexpected keyword argument 'mode'")
+
+    monkeypatch.setattr(store.fs, "pipe_file", pipe_file)
+    with pytest.raises(StoreError) as err:
+        with store.lock("ingest", timeout_s=0.2):
+            pass
+    assert str(err.value) == (
+        "work root 'memory://no-create-mode/work': MemoryFileSystem cannot create a file only if it is "
+        "absent (pipe_file() got an unexpected keyword argument 'mode'), so two runs could both append a "
+        "partition; use a local path or an S3 store that honours If-None-Match")
+
+
+def test_a_lock_on_a_new_work_root_creates_it_and_is_gone_after_a_failure(tmp_path):
+    store = StageStore(tmp_path / "fresh" / "work")
+    with pytest.raises(RuntimeError, match="the locked work failed"):
+        with store.lock("ingest"):
+            assert (tmp_path / "fresh" / "work" / ".lock-ingest").exists()
+            raise RuntimeError("the locked work failed")
+    assert list((tmp_path / "fresh" / "work").iterdir()) == []
+
+
+def test_joined_rows_are_the_tracks_every_upstream_stage_kept(store):
+    def output(stage, rows):
+        store.write_table(store.stage_path(stage, "k", 0), pa.Table.from_pylist(
+            [{"track_id": t, "status": s, "reason": None, "score": v} for t, s, v in rows],
+            schema=stage_schema(pa.field("score", pa.float64()))))
+
+    output("upper", [("t0", "ok", 1.0), ("t1", "ok", 2.0), ("t2", "rejected", 3.0), ("bad", "ok", 4.0)])
+    output("other", [("t1", "ok", 20.0), ("t2", "ok", 30.0)])       # t0 has no row: not run yet
+    assert [r["track_id"] for r in store.joined_rows(0, {})] == ["t0", "t1", "t2"]   # the catalog's kept
+    [t1] = store.joined_rows(0, {"upper": "k", "other": "k"})
+    assert (t1["track_id"], t1["uri"], t1["bytes"]) == ("t1", "/x/1", 50)
+    assert (t1["upper"]["score"], t1["other"]["score"]) == (2.0, 20.0)
+    assert t1["upper"]["status"] == t1["other"]["status"] == "ok"
