@@ -38,192 +38,23 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import soundfile as sf
 
-from schemas.common import STATUS_OK, reason_code
+from schemas.common import reason_code
 from schemas.config import Config, ConfigError, section_dump
-from schemas.pack import (MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, RECAPTION_KEYS, SHARD_DIGEST_COLUMNS,
-                          SHARD_INDEX_SCHEMA, PackFilter)
+from schemas.pack import MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, SHARD_DIGEST_COLUMNS, SHARD_INDEX_SCHEMA
 from tasks.audio import load_track
 from tasks.ingest import content_hash
-from tasks.overrides import apply_overrides, load_overrides
+from tasks.manifest import candidates
+from tasks.overrides import load_overrides
 from tasks.shards import TMP_PREFIX, ShardWriter, damaged_shards, ordered_map, rewrite_shard
-from tasks.stage import dag_order, stage_keys
 from tasks.store import StageStore, StoreError
 
 log = logging.getLogger("acepipe.pack")
 
-# Catalog facts without which a track cannot be decoded or described.
-REQUIRED = ("duration", "source_sample_rate", "source_channels", "codec")
 # Manifest columns that say where a file lies or which shard holds it, not what it is:
 # kept out of the sample's JSON so a copy of the corpus packs to the same bytes.
 NOT_IN_SAMPLE = ("uri", "partition", "shard", "flac_bytes")
-
-
-# -- the manifest: join and filter ------------------------------------------------------------
-# The stage columns the manifest takes: only these are read (beats, words and segments of
-# 1.8M tracks would not fit in memory, and the manifest does not carry them). A column that a
-# stage output does not have (written before the stage produced it) reads as null.
-STAGE_COLUMNS = {
-    "probe": ["duration", "peak_dbfs", "rms_dbfs"],
-    "aesthetics": ["ce", "cu", "pc", "pq"],
-    "transcribe": ["language", "language_prob", "text", "instrumental"],
-    "lyrics": ["lyric_id", "score", "language", "title", "artist", "lyrics", "alignment"],
-    "rhythm": ["bpm", "bpm_confidence", "meter", "key", "scale", "key_confidence", "segments"],
-    "caption": ["description", "tags", "finish_reason", "recaption"],
-}
-
-
-def _get(row: dict, stage: str, field: str):
-    return (row.get(stage) or {}).get(field)
-
-
-def _lyrics_lines(alignment: list[dict] | None) -> list[dict] | None:
-    return [{"start": a.get("start"), "end": a.get("end"), "section": a.get("section"), "text": a.get("line")}
-            for a in alignment] if alignment else None
-
-
-def _recaption(recaption: dict | None) -> dict | None:
-    return {k: recaption.get(k) for k in RECAPTION_KEYS} if recaption else None
-
-
-def manifest_row(track: dict) -> dict:
-    """A catalog row with one dict per stage -> a manifest row (missing stages give nulls)."""
-    matched = _get(track, "lyrics", "lyric_id") is not None
-    language = (_get(track, "lyrics", "language") if matched else None) or _get(track, "transcribe", "language")
-    structure = _get(track, "rhythm", "segments")
-    probe_duration = _get(track, "probe", "duration")
-    return {
-        "track_id": track["track_id"], "uri": track.get("uri"), "partition": track.get("partition"),
-        "bytes": track.get("bytes"), "codec": track.get("codec"),
-        "source_sample_rate": track.get("sample_rate"), "source_channels": track.get("channels"),
-        "duration": probe_duration if probe_duration is not None else track.get("duration"),
-        "peak_dbfs": _get(track, "probe", "peak_dbfs"), "rms_dbfs": _get(track, "probe", "rms_dbfs"),
-        **{k: _get(track, "aesthetics", k) for k in ("ce", "cu", "pc", "pq")},
-        "language": language, "language_prob": _get(track, "transcribe", "language_prob"),
-        "transcript": _get(track, "transcribe", "text"),
-        "instrumental": _get(track, "transcribe", "instrumental"),
-        "lyric_id": _get(track, "lyrics", "lyric_id"), "lyrics_score": _get(track, "lyrics", "score"),
-        "lyrics": _get(track, "lyrics", "lyrics") if matched else None,
-        "lyrics_lines": _lyrics_lines(_get(track, "lyrics", "alignment")) if matched else None,
-        "title": _get(track, "lyrics", "title"), "artist": _get(track, "lyrics", "artist"),
-        "bpm": _get(track, "rhythm", "bpm"), "bpm_confidence": _get(track, "rhythm", "bpm_confidence"),
-        "meter": _get(track, "rhythm", "meter"), "key": _get(track, "rhythm", "key"),
-        "scale": _get(track, "rhythm", "scale"), "key_confidence": _get(track, "rhythm", "key_confidence"),
-        "structure": [{"start": s.get("start"), "end": s.get("end"), "label": s.get("label")}
-                      for s in structure] if structure else None,
-        "caption": _get(track, "caption", "description"), "tags": _get(track, "caption", "tags"),
-        "caption_finish_reason": _get(track, "caption", "finish_reason"),
-        "recaption": _recaption(_get(track, "caption", "recaption")), "overridden": [],
-        "shard": None, "flac_bytes": None,
-    }
-
-
-def filter_reason(row: dict, f: PackFilter) -> str | None:
-    """None when the row enters the dataset, else a reason string."""
-    for name in REQUIRED:
-        if row.get(name) is None:
-            return f"missing_field: {name} is null (the catalog or probe row lacks it; re-run curate)"
-    dur = row["duration"]
-    if f.min_duration_s is not None and dur < f.min_duration_s:
-        return f"filtered: duration {dur:.1f} s < pack.filter.min_duration_s {f.min_duration_s}"
-    if f.max_duration_s is not None and dur > f.max_duration_s:
-        return f"filtered: duration {dur:.1f} s > pack.filter.max_duration_s {f.max_duration_s}"
-    for axis in ("ce", "cu", "pc", "pq"):
-        threshold = getattr(f, f"min_{axis}")
-        if threshold is None:
-            continue
-        if row.get(axis) is None:
-            return f"missing_field: {axis} is null but pack.filter.min_{axis} is set (run aesthetics)"
-        if row[axis] < threshold:
-            return f"filtered: {axis} {row[axis]:.2f} < pack.filter.min_{axis} {threshold}"
-    if f.require_lyrics:
-        if row.get("lyric_id") is None:
-            return "filtered: no matched lyrics and pack.filter.require_lyrics is set"
-        if not row.get("lyrics"):
-            return f"missing_field: lyrics is null for matched lyric_id {row['lyric_id']}"
-    if f.min_lyrics_score is not None and row.get("lyric_id") is not None:
-        if row.get("lyrics_score") is None:
-            return "missing_field: lyrics_score is null but pack.filter.min_lyrics_score is set"
-        if row["lyrics_score"] < f.min_lyrics_score:
-            return (f"filtered: lyrics score {row['lyrics_score']:.2f} < "
-                    f"pack.filter.min_lyrics_score {f.min_lyrics_score}")
-    if f.languages is not None and not row.get("instrumental"):
-        if row.get("language") is None:
-            return "missing_field: language is null but pack.filter.languages is set (run transcribe)"
-        if row["language"] not in f.languages:
-            return f"filtered: language {row['language']} not in pack.filter.languages {f.languages}"
-    if f.require_caption and not row.get("caption"):
-        return "filtered: no caption and pack.filter.require_caption is set"
-    if f.require_bpm and row.get("bpm") is None:
-        return "filtered: no tempo and pack.filter.require_bpm is set"
-    return None
-
-
-def _present(store: StageStore, path: str, wanted: list[str]) -> list[str]:
-    """The wanted columns the file has (reading one it lacks would fail, and quarantine a good
-    file); all of them when its footer does not read (the read that follows quarantines it)."""
-    try:
-        with store.fs.open(path, "rb") as fh:
-            names = set(pq.read_schema(fh).names)
-    except (OSError, pa.ArrowException, ValueError):
-        return wanted
-    return [c for c in wanted if c in names]
-
-
-def candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None = None,
-               ) -> tuple[list[tuple[dict, dict]], list[dict], dict]:
-    """(manifest row, catalog row) of every track kept by all stages and the filter, in
-    track_id order; the rows left out by the filter; counts of tracks not kept upstream.
-    `overrides` ({track_id: {field: value}}, tasks/overrides.py) replace stage values before
-    the filter looks at them."""
-    overrides = overrides or {}
-    order = dag_order(cfg.stages)
-    keys = stage_keys(cfg, order)
-    kept: list[tuple[dict, dict]] = []
-    rejects: list[dict] = []
-    upstream = {"catalog_tracks": 0, "not_ok_upstream": 0, "stage_missing": 0}
-    for p in store.catalog_partitions():
-        catalog = store.read_catalog(p).to_pylist()
-        upstream["catalog_tracks"] += len(catalog)
-        rows = {r["track_id"]: r for r in catalog if r["status"] == STATUS_OK}
-        upstream["not_ok_upstream"] += len(catalog) - len(rows)
-        for name in order:
-            path = store.stage_path(name, keys[name], p)
-            if not store.exists(path):  # curate has not reached this partition yet
-                upstream["stage_missing"] += len(rows)
-                rows = {}
-                break
-            columns = _present(store, path, ["track_id", "status", *STAGE_COLUMNS.get(name, [])])
-            table = store.read_table_or_quarantine(path, columns=columns)
-            if table is None:   # quarantined: its tracks lack this stage's columns until curate reruns
-                reason = (f"stage_unreadable: {posixpath.relpath(path, store.root)} did not read and was "
-                          "moved to quarantine/; run `acepipe run` (curate recomputes it), then pack again")
-                rejects.extend({"track_id": t["track_id"], "uri": t["uri"], "reason": reason}
-                               for t in rows.values())
-                rows = {}
-                break
-            found = {r["track_id"]: r for r in table.to_pylist()}
-            for tid in list(rows):
-                up = found.get(tid)
-                if up is None or up["status"] != STATUS_OK:
-                    upstream["not_ok_upstream"] += 1
-                    del rows[tid]
-                else:
-                    rows[tid][name] = up
-        for track in rows.values():
-            row = apply_overrides(manifest_row(track), overrides.get(track["track_id"]))
-            reason = filter_reason(row, cfg.pack.filter)
-            if reason is None and not track.get("uri_raw"):
-                reason = "missing_field: uri_raw is null (the catalog row has no path to open)"
-            if reason:
-                rejects.append({"track_id": row["track_id"], "uri": row["uri"], "reason": reason})
-            else:
-                kept.append((row, track))
-    kept.sort(key=lambda pair: pair[0]["track_id"])
-    return kept, rejects, {"keys": keys, **upstream}
-
 
 # -- samples ----------------------------------------------------------------------------------
 def sample_lyrics(row: dict) -> str:
