@@ -38,7 +38,8 @@ MODULES = {
     # the pack test in test_ingest.py builds a curated work root (14 s per mutant): pack's, not ingest's
     "tasks/ingest.py": ["tests/test_ingest.py", "--deselect",
                         "tests/test_ingest.py::test_pack_leaves_out_the_tracks_ingest_marked"],
-    "tasks/pack.py": ["tests/test_pack.py"],
+    "tasks/manifest.py": ["tests/test_manifest.py"],   # the pack filter and the manifest join
+    "tasks/pack.py": ["tests/test_pack.py"],           # shards: its tests pack real audio (slow per mutant)
     "tasks/lyrics_index.py": ["tests/test_lyrics_index.py", "tests/test_lyrics.py"],
     "model/flow.py": ["tests/test_flow_matching.py"],
     "model/repa.py": ["tests/test_repa.py"],
