@@ -151,8 +151,9 @@ def _load_seen(store: StageStore) -> dict[tuple[bytes, int, int], str]:
     path = store.path("catalog", "seen.parquet")
     if not store.exists(path):
         return {}
-    t = store.read_table(path).to_pylist()
-    return {(r["uri_raw"], r["bytes"], r["mtime_ns"]): r["track_id"] for r in t}
+    t = store.read_table(path, columns=["uri_raw", "bytes", "mtime_ns", "track_id"])
+    keys = zip(*(t.column(c).to_pylist() for c in ("uri_raw", "bytes", "mtime_ns")))
+    return dict(zip(keys, t.column("track_id").to_pylist()))   # by column: no dict per file
 
 
 def ingest(cfg: Config, store: StageStore, sources: list[str] | None = None) -> IngestResult:
@@ -171,16 +172,17 @@ def _ingest(cfg: Config, store: StageStore, sources: list[str] | None) -> Ingest
     seen = _load_seen(store)
 
     def identify(f: Found) -> tuple[Found, str | None, str | None]:
-        memo = seen.get((f.uri_raw, f.size, f.mtime_ns))
-        if memo:
-            return f, memo, None
         try:
             return f, content_hash(f.uri_raw, cfg.ingest.hash_chunk_mb), None
         except OSError as exc:
             return f, None, f"unreadable: cannot read the file ({exc.strerror or exc})"
 
+    # Files the memo knows are looked up here; only the others go to the hashing threads (a
+    # thread-pool round trip per file cost more than the lookup on a night with nothing new).
+    memos = [seen.get((f.uri_raw, f.size, f.mtime_ns)) for f in found]
     with ThreadPoolExecutor(max_workers=max(2, cfg.runner.max_workers)) as pool:
-        identified = list(pool.map(identify, found))
+        hashed = iter(list(pool.map(identify, [f for f, memo in zip(found, memos) if not memo])))
+    identified = [(f, memo, None) if memo else next(hashed) for f, memo in zip(found, memos)]
     listing = {f.uri: (f, tid, err) for f, tid, err in identified}
     catalog_ids, catalog_uris, updates = _source_updates(store, listing, source_scope(sources))
 
