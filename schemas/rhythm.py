@@ -15,8 +15,12 @@ class RhythmConfig(BaseModel):
     beat_tracker: Literal["beat_this", "essentia", "onset"] = Field(
         "beat_this", description="who gives beats and BPM: Beat This; Essentia's RhythmExtractor2013 (no "
         "weights, ~15x real time per core); or onset, the stage's own comb tempogram with a metrical-level "
-        "classifier (tasks/tempo.py; no weights, ~1000x real time). Essentia's BPM is recorded beside "
-        "Beat This's")
+        "classifier (tasks/tempo.py; no weights, ~1000x real time)")
+    cross_check: Literal["onset", "essentia", "none"] = Field(
+        "onset", description="a second tempo recorded beside the tracker's (cross_check_bpm): onset, the "
+        "comb tempogram the stage computes anyway (~1 ms per audio second); essentia, RhythmExtractor2013 "
+        "(40-80 ms per audio second, too slow for 50x real time per core); none. Skipped when it names "
+        "the tracker itself")
     checkpoint: str = Field("final0", description="Beat This checkpoint: a local .ckpt (or a directory "
                             "holding one), a released name (final0, small0, ...), or tiny:beat_this")
     batch_size: int = Field(4, ge=1, description="Beat This chunks per forward pass")
@@ -55,8 +59,9 @@ RHYTHM_SCHEMA = stage_schema(
     pa.field("bpm", pa.float64()),
     pa.field("bpm_confidence", pa.float64()),         # 0-1: calibrated P(bpm within 4% of the true tempo)
     pa.field("tempo_source", pa.string()),            # beat_this | essentia | onset
-    pa.field("essentia_bpm", pa.float64()),           # RhythmExtractor2013, octave-checked (not with onset)
-    pa.field("essentia_confidence", pa.float64()),    # its own 0-5.32 scale
+    pa.field("cross_check", pa.string()),             # onset | essentia | null: who gave cross_check_bpm
+    pa.field("cross_check_bpm", pa.float64()),        # the second opinion (Essentia's octave-checked)
+    pa.field("cross_check_confidence", pa.float64()),  # onset: calibrated 0-1; essentia: its own 0-5.32
     pa.field("beats", pa.list_(pa.float64())),
     pa.field("downbeats", pa.list_(pa.float64())),
     pa.field("meter", pa.int32()),

@@ -23,7 +23,8 @@ from tasks.models import ModelLoadError, load_cause as _cause
 CHECKPOINT_URL = "https://cloud.cp.jku.at/public.php/dav/files/7ik4RrBKTS273gp"
 RELEASED_NAMES = "final0-2, small0-2, single_final0-2, fold0-7"   # the reference's README
 TINY_NAME = "beat_this-tiny.ckpt"
-WITHOUT_WEIGHTS = "--set rhythm.beat_tracker=essentia (no weights needed)"
+WITHOUT_WEIGHTS = ("--set rhythm.beat_tracker=onset (no weights needed; rhythm.beat_tracker=essentia "
+                   "is the slower alternative)")
 
 
 def _released_path(name: str) -> Path:

@@ -1,13 +1,15 @@
 """Rhythm, key and structure stage (DAG step 6): beats, downbeats, BPM, meter, key, sections.
 
 Runs on tracks that aesthetics kept. Beat This (tasks/beat_model.py, our torch front end in
-tasks/beat_frontend.py) gives beats and downbeats; Essentia's RhythmExtractor2013 runs beside
-it (or alone with rhythm.beat_tracker=essentia) so the two BPMs can be compared; with
-rhythm.beat_tracker=onset the stage's own comb tempogram and metrical-level classifier
-(tasks/tempo.py) give them, ~50x faster than Essentia. The BPM is read from the beat grid
-(median inter-beat interval) after a metrical-level check: Beat This grids with 8 beats per bar
-are halved; Essentia grids are doubled when the onsets between ticks are as strong as those on
-them, and halved when every other tick is weak. Every path's `bpm_confidence` is the onset
+tasks/beat_frontend.py) gives beats and downbeats; Essentia's RhythmExtractor2013
+(rhythm.beat_tracker=essentia) or the stage's own comb tempogram and metrical-level classifier
+(rhythm.beat_tracker=onset, tasks/tempo.py, ~50x faster than Essentia) give them without weights.
+A second tempo is recorded beside the tracker's (rhythm.cross_check, cross_check_bpm): the onset
+tempo by default, which costs almost nothing since its candidates give every path's confidence
+anyway; Essentia's on request (the old behaviour, too slow for the stage's 50x real time per
+core). The BPM is read from the beat grid (median inter-beat interval) after a metrical-level
+check: Beat This grids with 8 beats per bar are halved; Essentia grids are doubled when the
+onsets between ticks are as strong as those on them, and halved when every other tick is weak. Every path's `bpm_confidence` is the onset
 classifier's calibrated probability of the candidate tempo the path agrees with. Key, scale and
 `key_confidence` come from tasks/key.py (rhythm.key_method=evidence) or Essentia's KeyExtractor,
 gated by confidence and by tonalness (energy share in spectral peaks), so noise gets no key.
@@ -176,37 +178,48 @@ def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: 
                   timings: dict | None = None, hpcp_frames: key_mod.HpcpFrames | None = None) -> dict:
     """All output fields of one track. `beat_this` is (beats, downbeats, beat probabilities at the
     beats) from the tracker, or None on the Essentia path."""
-    timings = timings if timings is not None else {}
+    timings = timings if timings is not None else {}   # CPU seconds of this process per component
     hpcp_frames = hpcp_frames or key_mod.HpcpFrames()
     duration = len(wav22) / BEAT_SR
     env = onset_envelope(spect)
     env = env / (env.mean() + 1e-9)
-    row: dict = {"bpm": None, "bpm_confidence": 0.0, "tempo_source": cfg.beat_tracker,
-                 "essentia_bpm": None, "essentia_confidence": None, "beats": [], "downbeats": [],
+    check = None if cfg.cross_check in ("none", cfg.beat_tracker) else cfg.cross_check
+    row: dict = {"bpm": None, "bpm_confidence": 0.0, "tempo_source": cfg.beat_tracker, "cross_check": check,
+                 "cross_check_bpm": None, "cross_check_confidence": None, "beats": [], "downbeats": [],
                  "meter": None, "key": None, "scale": None, "key_strength": 0.0, "key_confidence": 0.0,
                  "tonalness": None,
                  "segments": [], "no_tempo_reason": None, "no_key_reason": None}
 
     # tempo: every path's confidence is the onset classifier's calibrated probability of the
     # candidate tempo it agrees with (tasks/tempo.py), so a metrical-level error is never certain
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     power = power_frames(wav22)   # shared with the key's tonalness gate
     cands = tempo.candidates(env, tempo.low_band_envelope(spect), chroma(power)) \
         if duration >= cfg.min_tempo_s else []
     probs = tempo.tempo_probabilities(cands) if cands else np.array([])
     pulse = max((c["features"][0] for c in cands), default=0.0)   # autocorrelation comb of the winner
     ess_beats = None
-    if duration >= cfg.min_tempo_s and cfg.beat_tracker != "onset":
+    if duration >= cfg.min_tempo_s and "essentia" in (cfg.beat_tracker, check):
         try:
             _, ticks, conf = essentia_rhythm(wav44)
             ess_beats = metrical_level(ticks, env, cfg.min_bpm, cfg.max_bpm)
             ess_bpm, _ = grid_stats(ess_beats)
-            row["essentia_bpm"] = None if ess_bpm is None else round(ess_bpm, 2)
-            row["essentia_confidence"] = round(conf, 3)
+            if check == "essentia":
+                row["cross_check_bpm"] = None if ess_bpm is None else round(ess_bpm, 2)
+                row["cross_check_confidence"] = round(conf, 3)
         except RuntimeError as exc:  # Essentia raises RuntimeError on inputs it cannot handle
-            row["essentia_confidence"] = 0.0
+            row["cross_check_confidence"] = 0.0 if check == "essentia" else None
             print(f"rhythm: RhythmExtractor2013 failed: {exc}", file=sys.stderr)
-    timings["tempo"] = time.perf_counter() - t0
+    onset_beats = np.array([])
+    if cands and "onset" in (cfg.beat_tracker, check):
+        best = cands[int(np.argmax(probs))]
+        onset_beats = tempo.beat_grid(env, best["period"], best["phase"])
+        if check == "onset":
+            onset_bpm, _ = grid_stats(onset_beats)
+            row["cross_check_bpm"] = None if onset_bpm is None else round(onset_bpm, 2)
+            row["cross_check_confidence"] = round(tempo.calibrate(float(probs.max()))
+                                                  * min(1.0, pulse / tempo.MIN_PULSE), 3)
+    timings["tempo"] = time.process_time() - t0
     if beat_this is not None:
         beats, downbeats, _ = beat_this
         meter = meter_from_downbeats(beats, downbeats)
@@ -216,8 +229,7 @@ def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: 
     elif cfg.beat_tracker == "essentia":
         beats = ess_beats if ess_beats is not None else np.array([])
     else:
-        best = cands[int(np.argmax(probs))] if cands else None
-        beats = tempo.beat_grid(env, best["period"], best["phase"]) if best else np.array([])
+        beats = onset_beats
     if beat_this is None:
         meter, downbeats = meter_from_accents(beats, env)
     bpm, regular = grid_stats(beats)
@@ -239,7 +251,7 @@ def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: 
                    downbeats=[round(float(d), 3) for d in downbeats], meter=meter)
 
     # key
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     row["tonalness"] = round(tonalness(power), 3)
     if duration < cfg.min_key_s:
         row["no_key_reason"] = f"too_short: {duration:.1f} s < rhythm.min_key_s={cfg.min_key_s:g}"
@@ -262,14 +274,14 @@ def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: 
                                     f"{cfg.min_key_strength:g} (best guess {name} {scale})")
         else:
             row.update(key=name, scale=scale)
-    timings["key"] = time.perf_counter() - t0
+    timings["key"] = time.process_time() - t0
 
     # structure
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     if segmenter is not None:
         grid = np.asarray(row["beats"]) if row["bpm"] is not None else None
         row["segments"] = [s.as_dict() for s in segmenter.segment(wav22, spect, grid, duration)]
-    timings["structure"] = time.perf_counter() - t0
+    timings["structure"] = time.process_time() - t0
     row["tempo_phrase"] = tempo_phrase(row["bpm"])
     row["key_phrase"] = key_phrase(row["key"], row["scale"])
     return row
@@ -279,7 +291,9 @@ def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: 
 
 class RhythmStage(Stage):
     name = "rhythm"
-    version = "2"   # 2: key_confidence, calibrated bpm_confidence, evidence key method, onset tempo
+    version = "3"   # 2: key_confidence, calibrated bpm_confidence, evidence key method, onset tempo;
+    # 3: rhythm.cross_check (onset by default) in cross_check/_bpm/_confidence, essentia_* columns gone,
+    # tempo classifier refitted
     inputs = ("aesthetics",)
     schema = RHYTHM_SCHEMA
     uses_gpu = True
@@ -290,7 +304,8 @@ class RhythmStage(Stage):
         if cfg.rhythm.beat_tracker == "beat_this" and not ref.startswith("tiny:") \
                 and ("/" in ref or ref.endswith(".ckpt")) and not Path(ref).expanduser().exists():
             raise ValueError(f"rhythm.checkpoint={ref!r}: no such file; fix the path, use a released "
-                             "name (final0, small0, ...) or set rhythm.beat_tracker=essentia")
+                             "name (final0, small0, ...) or set rhythm.beat_tracker=onset (no weights "
+                             "needed; rhythm.beat_tracker=essentia is the slower alternative)")
 
     def setup(self) -> None:
         cfg = self.cfg.rhythm
@@ -307,14 +322,15 @@ class RhythmStage(Stage):
         self.timings: dict[str, float] = {}
 
     def _tick(self, name: str, since: float) -> None:
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - since
+        # CPU time (bench/rhythm.py's speed measure, one thread); work on a GPU is not in it
+        self.timings[name] = self.timings.get(name, 0.0) + time.process_time() - since
 
     def process(self, tracks: list[dict]) -> list[dict]:
         cfg = self.cfg.rhythm
         rows = [{"track_id": t["track_id"], "status": STATUS_OK, "reason": None} for t in tracks]
         loaded = []   # (row index, wav44, wav22, spect)
         for i, track in enumerate(tracks):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             try:
                 wav44 = audio.load_track(track, ESSENTIA_SR, 1, self.cfg.audio)[0]
                 wav22 = audio.load_track(track, BEAT_SR, 1, self.cfg.audio)[0]
@@ -322,7 +338,7 @@ class RhythmStage(Stage):
                 rows[i].update(status=STATUS_REJECTED, reason=exc.reason)
                 continue
             self._tick("load", t0)
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             with torch.inference_mode():
                 spect = self.frontend(torch.from_numpy(wav22).to(self.device))   # (T, 128)
             self._tick("frontend", t0)
@@ -330,7 +346,7 @@ class RhythmStage(Stage):
         # Beat This over the whole batch (its chunks are batched across tracks)
         grids: dict[int, tuple] = {}
         if self.tracker is not None and loaded:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             logits = self.tracker.logits([s for _, _, _, s in loaded])
             for (i, _, _, _), (b, d) in zip(loaded, logits):
                 beats, downbeats = self.tracker.beats(b, d)
@@ -389,8 +405,8 @@ def _summary_line(row: dict) -> str:
         return f"{row['file']}: {row['status']} ({row['reason']})"
     tempo = (f"{row['bpm']:.1f} BPM (confidence {row['bpm_confidence']:.2f}, meter {row['meter']})"
              if row["bpm"] is not None else f"no tempo ({row['no_tempo_reason']})")
-    if row["essentia_bpm"] is not None and row["tempo_source"] != "essentia":
-        tempo += f", Essentia {row['essentia_bpm']:.1f}"
+    if row["cross_check_bpm"] is not None:
+        tempo += f", {row['cross_check']} {row['cross_check_bpm']:.1f}"
     key = (f"{row['key_phrase']} (strength {row['key_strength']:.2f})" if row["key"]
            else f"no key ({row['no_key_reason']})")
     sections = " ".join(f"{s['label']}@{s['start']:.1f}" for s in row["segments"])

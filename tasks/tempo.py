@@ -9,10 +9,13 @@ the candidate tempi, each refined to a hundredth of a frame with 8 multiples. Wh
 question, answered by a conditional logit (TEMPO_WEIGHTS, fitted on bench/songgen.py's tuning
 set only): the comb strength, a prior around 110 BPM, whether onsets halfway between the ticks
 are as strong as those on them (the grid is too slow), whether every other tick is weak (too
-fast), on the full envelope and on the bass/kick band, and where the chords change (the chroma's
-change curve repeats every 3 or 4 beats, not every 6 or 8). `bpm_confidence` maps the winner's
-softmax probability through TEMPO_CALIBRATION (isotonic, out-of-fold): the probability that the
-BPM is within 4% of the truth, so a metrical-level guess never gets full confidence.
+fast), on the full envelope and on the bass/kick band, where the chords change (the chroma's
+change curve repeats every 3 or 4 beats, not every 6 or 8), the autocorrelation at the
+candidate's half, third and 2-4 multiples (the metrical levels around it), and how much of the
+ticks' accents their position in a bar of 2, 3 or 4 ticks explains (a beat grid has a bar).
+`bpm_confidence` maps the winner's softmax probability through TEMPO_CALIBRATION (isotonic,
+out-of-fold): the probability that the BPM is within 4% of the truth, so a metrical-level guess
+never gets full confidence.
 """
 from __future__ import annotations
 
@@ -27,13 +30,15 @@ MIN_PULSE = 0.3                 # comb strength below which the pulse itself is 
 CHROMA_FPS = 22050 / 2048       # tasks.structure.power_frames frames
 FEATURES = ("comb", "prior", "contrast", "is_peak", "ternary", "contrast_low", "alternation",
             "alternation_low", "log_tempo", "mid_ratio_low", "mid_ratio", "chords_per_tick", "chords_per_3",
-            "chords_per_4")
-# bench/rhythm_fit.py on the tuning set (song_specs seeds 1, 2, 3: 288 songs; L2 0.001); refit when FEATURES change
-TEMPO_WEIGHTS = np.array([2.0754, -1.6937, -0.4509, 0.4496, -1.1573, 0.1553, 0.001, 3.4994, 1.8773, -2.944,
-                         -0.1406, 3.3129, 2.1999, 2.3303])
+            "chords_per_4", "acf_half", "acf_third", "acf_2x", "acf_3x", "acf_4x", "bar_2", "bar_3", "bar_4",
+            "bar_2_low", "bar_3_low", "bar_4_low")
+# bench/rhythm_fit.py on the tuning set (song_specs seeds 1-5: 480 songs; L2 0.001); refit when FEATURES change
+TEMPO_WEIGHTS = np.array([1.253, -1.5374, -0.4229, 0.2265, -0.7078, 0.1192, 0.2197, 3.0354, 1.7378, -2.1968,
+                          -0.2054, 2.8145, 1.7948, 1.5299, 0.0775, -0.9099, 0.9056, 0.8774, 1.2254, 0.8022,
+                          -0.6072, 1.4677, -1.8538, -0.5354, -1.0508])
 # (softmax probability knots, calibrated probability of being right at them)
-TEMPO_CALIBRATION = ((0.0, 0.782, 0.937, 0.967, 0.982, 0.99, 0.995, 0.997, 0.999, 1.0),
-                     (0.0, 0.932, 0.986, 0.986, 0.986, 0.986, 0.986, 0.986, 0.986, 0.986))
+TEMPO_CALIBRATION = ((0.0, 0.811, 0.942, 0.973, 0.985, 0.992, 0.996, 0.997, 0.999, 1.0),
+                     (0.0, 0.926, 0.992, 0.992, 0.992, 0.992, 0.992, 0.992, 0.992, 0.992))
 
 
 def _novelty(env: np.ndarray) -> np.ndarray:
@@ -89,6 +94,16 @@ def _grid_evidence(e: np.ndarray, period: float, phase: float) -> tuple[float, f
     return float(on.mean()), float(mid.mean()), float(min(a, b) / (max(a, b) + 1e-9))
 
 
+def bar_evidence(e: np.ndarray, period: float, phase: float) -> list[float]:
+    """Share of the ticks' accent variance explained by their position in a bar of 2, 3 and 4 ticks."""
+    on = _peaks_at(e, np.arange(phase, len(e) - 1, period))
+    shares = []
+    for m in (2, 3, 4):
+        n = len(on) // m * m
+        shares.append(float(on[:n].reshape(-1, m).mean(axis=0).var() / (on[:n].var() + 1e-9)) if n >= 2 * m else 0.0)
+    return shares
+
+
 def harmonic_change(chroma: np.ndarray | None) -> np.ndarray:
     """Autocorrelation of the chord-change curve (1 - cosine of successive unit chroma frames):
     chords change on bar lines, so it peaks at the bar and tells 3 or 4 beats from 6 or 8."""
@@ -137,6 +152,8 @@ def candidates(env: np.ndarray, low_env: np.ndarray, chroma: np.ndarray | None =
                  min(1.5, mid_low / (on_low + 1e-3)), min(1.5, mid / (on + 1e-3))]
         tick = period / FPS * CHROMA_FPS
         feats += [_at(chords, tick), _at(chords, 3 * tick), _at(chords, 4 * tick)]
+        feats += [_at(acf, period * k) for k in (1 / 2, 1 / 3, 2, 3, 4)]
+        feats += bar_evidence(e, period, phase) + bar_evidence(el, period, phase)
         out.append({"bpm": bpm, "period": period, "phase": phase, "features": np.array(feats)})
     return out
 

@@ -103,7 +103,8 @@ def test_tempo_key_and_phrases_are_right_on_generated_songs(essentia_stage, song
         assert row["status"] == STATUS_OK
         assert row["bpm"] == pytest.approx(spec.bpm, rel=0.04), (spec, row["no_tempo_reason"])
         assert row["bpm_confidence"] >= 0.5      # calibrated: the onset classifier agrees with Essentia
-        assert row["essentia_bpm"] == pytest.approx(spec.bpm, rel=0.04)
+        assert row["cross_check"] == "onset"     # the default second opinion beside Essentia's
+        assert row["cross_check_bpm"] == pytest.approx(spec.bpm, rel=0.04)
         assert (pitch_class(row["key"]), row["scale"]) == (pitch_class(spec.key), spec.scale)
         assert 0.5 <= row["key_confidence"] < 1.0
         assert row["tempo_phrase"] == f"{round(row['bpm'])} BPM"
@@ -129,7 +130,8 @@ def test_onset_path_gets_tempo_key_and_calibrated_confidences(onset_stage, songs
     """The weight-free fast path (no Essentia rhythm): the same answers as the generator's."""
     rows = onset_stage.process([t for t, _ in songs])
     for row, (_, spec) in zip(rows, songs):
-        assert row["status"] == STATUS_OK and row["tempo_source"] == "onset" and row["essentia_bpm"] is None
+        assert row["status"] == STATUS_OK and row["tempo_source"] == "onset"
+        assert row["cross_check"] is None and row["cross_check_bpm"] is None   # no second opinion of itself
         assert row["bpm"] == pytest.approx(spec.bpm, rel=0.04), (spec, row["no_tempo_reason"])
         assert 0.5 <= row["bpm_confidence"] < 1.0
         assert 60 / np.median(np.diff(row["beats"])) == pytest.approx(spec.bpm, rel=0.04)
@@ -182,10 +184,29 @@ def test_twin_is_a_released_format_checkpoint_loaded_by_the_real_code(twin_stage
     rows = twin_stage.process([t for t, _ in songs[:2]])
     for row, (_, spec) in zip(rows, songs[:2]):
         assert row["status"] == STATUS_OK and row["tempo_source"] == "beat_this"
-        # random weights: whatever the twin says, Essentia's number is recorded beside it
-        assert row["essentia_bpm"] == pytest.approx(spec.bpm, rel=0.04)
+        # random weights: whatever the twin says, the onset tempo is recorded beside it
+        assert row["cross_check"] == "onset" and row["cross_check_bpm"] == pytest.approx(spec.bpm, rel=0.04)
+        assert 0.5 <= row["cross_check_confidence"] <= 1.0
         assert (row["bpm"] is None) == (row["no_tempo_reason"] is not None)
     pa.Table.from_pylist(rows, schema=RHYTHM_SCHEMA)
+
+
+def test_cross_check_essentia_keeps_the_old_second_opinion_and_none_skips_it(tiny_models_dir, songs):
+    """rhythm.cross_check=essentia records RhythmExtractor2013's BPM (its own 0-5.32 confidence)
+    beside Beat This's; none records nothing."""
+    track, spec = songs[3]
+    rows = {}
+    for check in ("essentia", "none"):
+        stage = RhythmStage(_cfg(tiny_models_dir, "rhythm.beat_tracker=beat_this", "rhythm.checkpoint=tiny:beat_this",
+                                 f"rhythm.cross_check={check}"))
+        stage.setup()
+        rows[check] = stage.process([track])[0]
+    assert rows["essentia"]["cross_check"] == "essentia"
+    assert rows["essentia"]["cross_check_bpm"] == pytest.approx(spec.bpm, rel=0.04)
+    assert 1.0 < rows["essentia"]["cross_check_confidence"] <= 5.32
+    assert rows["none"]["cross_check"] is None and rows["none"]["cross_check_bpm"] is None
+    assert rows["none"]["cross_check_confidence"] is None
+    pa.Table.from_pylist(list(rows.values()), schema=RHYTHM_SCHEMA)
 
 
 # ---- parity with the package's own beat_this.inference --------------------------------------
@@ -342,18 +363,18 @@ def test_analyze_offline_without_checkpoint_says_what_to_do(offline_analyze):
     [error] = [line for line in done.stderr.splitlines() if line.startswith("acepipe: error:")]
     assert done.stderr.splitlines()[-1] == error
     assert error.startswith("acepipe: error: rhythm.checkpoint='final0': ")
-    assert "--set rhythm.beat_tracker=essentia" in error
+    assert "--set rhythm.beat_tracker=onset" in error and "rhythm.beat_tracker=essentia" in error
     assert "--set rhythm.checkpoint=/path/to/final0.ckpt" in error and "final0-2, small0-2" in error
 
 
-def test_the_suggested_essentia_run_works_offline(offline_analyze, songs):
+def test_the_suggested_weight_free_run_works_offline(offline_analyze, songs):
     done, torch_home = offline_analyze
     suggestion = re.search(r"--set (rhythm\.beat_tracker=\w+)", done.stderr).group(1)
     done = _acepipe("analyze", songs[3][0]["uri"], "--json", "--set", suggestion, torch_home=torch_home)
     assert done.returncode == 0, done.stderr
     [line] = done.stdout.splitlines()
     row = json.loads(line)
-    assert row["status"] == STATUS_OK and row["tempo_source"] == "essentia"
+    assert row["status"] == STATUS_OK and row["tempo_source"] == "onset"
     assert row["bpm"] == pytest.approx(SPECS[3].bpm, rel=0.04) and row["key_phrase"] == "A minor"
 
 
@@ -398,7 +419,7 @@ def test_preflight_check_refuses_only_a_missing_checkpoint_path(tiny_models_dir,
     at once, naming the field; names resolved later (tiny twins, released names) and the Essentia
     path pass."""
     missing = f"rhythm.checkpoint={tmp_path}/final0.ckpt"
-    with pytest.raises(ValueError, match=r"rhythm.checkpoint='.*/final0.ckpt': no such file.*beat_tracker=essentia"):
+    with pytest.raises(ValueError, match=r"rhythm.checkpoint='.*/final0.ckpt': no such file.*beat_tracker=onset"):
         RhythmStage.check(_cfg(tiny_models_dir, "rhythm.beat_tracker=beat_this", missing))
     for overrides in (("rhythm.beat_tracker=essentia", missing),
                       ("rhythm.beat_tracker=beat_this", "rhythm.checkpoint=tiny:beat_this"),

@@ -69,3 +69,13 @@ def test_a_wrong_metrical_level_is_never_certain(evidence):
 def test_no_pulse_no_candidates_on_short_or_empty_input():
     assert tempo.candidates(np.zeros(100), np.zeros(100)) == []
     assert tempo.estimate_tempo(np.zeros(100), np.zeros(100))[0] is None
+
+
+def test_bar_evidence_finds_the_bar_of_an_accent_pattern():
+    """Ticks every 25 frames, every third one accented: the position in a bar of 3 explains all the
+    accent variance; in bars of 2 or 4 (48 ticks, a whole number of 12-tick cycles) none of it."""
+    e = np.zeros(48 * 25 + 10)
+    e[np.arange(48) * 25 + 5] = np.where(np.arange(48) % 3 == 0, 1.0, 0.2)
+    bar_2, bar_3, bar_4 = tempo.bar_evidence(e, 25.0, 5.0)
+    assert bar_3 == pytest.approx(1.0, abs=1e-6)
+    assert bar_2 == pytest.approx(0.0, abs=1e-6) and bar_4 == pytest.approx(0.0, abs=1e-6)
