@@ -38,6 +38,7 @@ def test_a_track_with_every_stage_becomes_one_row():
         caption={"description": "a song", "tags": ["pop"], "finish_reason": "stop",
                  "recaption": {"simplified": "pop", "expanded": "synth pop", "extra": "dropped"}}))
     assert row["duration"] == 120.5                    # probe's decoded duration over the header's
+    assert (row["peak_dbfs"], row["rms_dbfs"], row["title"], row["artist"]) == (-1.0, -14.0, "T", "A")
     assert (row["source_sample_rate"], row["source_channels"], row["codec"]) == (48000, 2, "FLAC")
     assert row["language"] == "en"                    # the matched lyrics' language wins
     assert (row["language_prob"], row["transcript"], row["instrumental"]) == (0.6, "bonjour", False)
@@ -60,6 +61,8 @@ def test_without_a_lyrics_match_the_transcripts_language_and_no_lyrics():
         lyrics={"lyric_id": None, "score": None, "language": "en", "lyrics": "stale text",
                 "alignment": [{"line": "x", "section": "verse", "start": 0.0, "end": 1.0}]}))
     assert row["language"] == "fr" and row["lyrics"] is None and row["lyrics_lines"] is None
+    matched_without_times = manifest_row(track(lyrics={"lyric_id": "L1", "lyrics": "la", "alignment": None}))
+    assert matched_without_times["lyrics"] == "la" and matched_without_times["lyrics_lines"] is None
 
 
 def test_a_track_without_stage_outputs_keeps_the_catalog_facts_and_nulls():
@@ -181,6 +184,7 @@ def joined(tmp_path, tiny_models_dir):
         drop=("ce",))                                   # an older output, before a column existed
     write_catalog(store, 1, [{"track_id": "f", "uri": "/m/f", **ok}])   # curate has not reached it
     write_stage(store, "probe", keys["probe"], 1, [{"track_id": "f", "status": "ok", "duration": 90.0}])
+    write_catalog(store, 2, [{"track_id": "g", "uri": "/m/g", **ok}, {"track_id": "h", "uri": "/m/h", **ok}])
     return cfg, store, keys
 
 
@@ -190,10 +194,10 @@ def test_the_join_keeps_tracks_ok_everywhere_in_track_id_order_and_counts_the_ot
     assert [row["track_id"] for row, _ in kept] == ["a", "d"]
     assert all(row["duration"] == 90.0 and row["ce"] is None for row, _ in kept)   # the missing column: null
     assert [r["pq"] for r, _ in kept] == [7.0, 6.0] and kept[0][1]["uri"] == "/m/a"
-    assert sorted((r["track_id"], r["reason"]) for r in rejects) == [
-        ("b", "filtered: pq 3.00 < pack.filter.min_pq 5.0"),
-        ("e", "missing_field: uri_raw is null (the catalog row has no path to open)")]
-    assert upstream == {"keys": keys, "catalog_tracks": 7, "not_ok_upstream": 2, "stage_missing": 1}
+    assert sorted((r["track_id"], r["uri"], r["reason"]) for r in rejects) == [
+        ("b", "/m/b", "filtered: pq 3.00 < pack.filter.min_pq 5.0"),
+        ("e", "/m/e", "missing_field: uri_raw is null (the catalog row has no path to open)")]
+    assert upstream == {"keys": keys, "catalog_tracks": 9, "not_ok_upstream": 2, "stage_missing": 3}
 
 
 def test_an_override_is_what_the_filter_sees(joined):
@@ -209,6 +213,7 @@ def test_an_output_that_does_not_read_rejects_its_tracks_and_is_quarantined(join
     store.write_bytes(path, b"PAR1 not a parquet file")
     kept, rejects, _ = candidates(store, cfg)
     assert kept == [] and not store.exists(path) and store.listdir(store.path("quarantine"))
-    assert sorted(r["track_id"] for r in rejects) == ["a", "b", "d", "e"]
+    assert sorted((r["track_id"], r["uri"]) for r in rejects) == [("a", "/m/a"), ("b", "/m/b"), ("d", "/m/d"),
+                                                                    ("e", "/m/e")]
     assert all(r["reason"].startswith("stage_unreadable: stages/aesthetics/") and "acepipe run" in r["reason"]
                for r in rejects)
