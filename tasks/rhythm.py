@@ -194,7 +194,7 @@ def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: 
     # candidate tempo it agrees with (tasks/tempo.py), so a metrical-level error is never certain
     t0 = time.process_time()
     power = power_frames(wav22)   # shared with the key's tonalness gate
-    cands = tempo.candidates(env, tempo.low_band_envelope(spect), chroma(power)) \
+    cands = tempo.candidates(env, tempo.low_band_envelope(spect), chroma(power), tempo.mid_band_envelope(spect)) \
         if duration >= cfg.min_tempo_s else []
     probs = tempo.tempo_probabilities(cands) if cands else np.array([])
     pulse = max((c["features"][0] for c in cands), default=0.0)   # autocorrelation comb of the winner
@@ -291,9 +291,9 @@ def analyze_track(wav44: np.ndarray, wav22: np.ndarray, spect: np.ndarray, cfg: 
 
 class RhythmStage(Stage):
     name = "rhythm"
-    version = "3"   # 2: key_confidence, calibrated bpm_confidence, evidence key method, onset tempo;
+    version = "4"   # 2: key_confidence, calibrated bpm_confidence, evidence key method, onset tempo;
     # 3: rhythm.cross_check (onset by default) in cross_check/_bpm/_confidence, essentia_* columns gone,
-    # tempo classifier refitted
+    # tempo classifier refitted; 4: snare-band tempo evidence, tempo classifier refitted
     inputs = ("aesthetics",)
     schema = RHYTHM_SCHEMA
     uses_gpu = True

@@ -16,7 +16,8 @@ from tasks.structure import chroma, power_frames
 def _evidence(wav22: np.ndarray):
     with torch.inference_mode():
         spect = LogMelSpect()(torch.from_numpy(wav22.astype(np.float32))).numpy()
-    return onset_envelope(spect), tempo.low_band_envelope(spect), chroma(power_frames(wav22))
+    return (onset_envelope(spect), tempo.low_band_envelope(spect), chroma(power_frames(wav22)),
+            tempo.mid_band_envelope(spect))
 
 
 def _song(bpm, groove, timbre, seed, beats_per_bar=4):
@@ -79,3 +80,26 @@ def test_bar_evidence_finds_the_bar_of_an_accent_pattern():
     bar_2, bar_3, bar_4 = tempo.bar_evidence(e, 25.0, 5.0)
     assert bar_3 == pytest.approx(1.0, abs=1e-6)
     assert bar_2 == pytest.approx(0.0, abs=1e-6) and bar_4 == pytest.approx(0.0, abs=1e-6)
+
+
+def test_snare_band_tells_a_backbeat_from_its_double_time_reading():
+    """A snare on every other beat (2 and 4): read at the beat, position in a bar of 2 explains all
+    of the snare band's accents; read at double tempo the ticks go 0, 0, 1, 0 (the snare on every
+    4th tick), where a bar of 4 explains all of it and a bar of 2 a third (means 1/2 and 0 about
+    1/4: variance 1/16 of 3/16)."""
+    em = np.zeros(64 * 25 + 10)
+    em[np.arange(1, 64, 2) * 25 + 5] = 1.0       # beats 2 and 4 of 16 bars of 4 at 25 frames a beat
+    _, _, bar_2, _, bar_4 = tempo._snare_bars(em, 25.0, 5.0)
+    assert bar_2 == pytest.approx(1.0, abs=1e-6) and bar_4 == pytest.approx(1.0, abs=1e-6)
+    _, _, bar_2, _, bar_4 = tempo._snare_bars(em, 12.5, 5.0)
+    assert bar_2 == pytest.approx(1 / 3, abs=1e-6) and bar_4 == pytest.approx(1.0, abs=1e-6)
+    assert tempo._snare_bars(None, 25.0, 5.0) == [0.0] * 5
+
+
+@pytest.mark.parametrize("bpm,beats_per_bar,seed", [(62.0, 3, 21), (66.0, 4, 22)])
+def test_slow_breakbeat_is_not_read_at_double_tempo(bpm, beats_per_bar, seed):
+    """The breakbeat (kick on 1 and the and-of-2, which looks like a beat at double tempo) is a
+    groove the fit never heard; slow songs on it keep their tempo."""
+    song = _song(bpm, "breakbeat", "pluck", seed, beats_per_bar)
+    got, _, _, _ = tempo.estimate_tempo(*_evidence(render(song, SAMPLE_RATE)))
+    assert got == pytest.approx(bpm, rel=0.04)
