@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} flow locally")
         _add_config_args(p)
         p.add_argument("--dataset", default="default", help="dataset name under manifest/ and shards/")
+        if name == "pack":
+            p.add_argument("--rebuild", action="store_true", help="pack every kept track again and drop the "
+                           "tombstones (default: append new and changed tracks, keep the other shards)")
         p.set_defaults(func=lambda a, name=name: _call(f"flows.{name}:cli", a))
 
     p = sub.add_parser("review", help="the lowest-confidence tracks of a packed dataset, per label")

@@ -15,7 +15,7 @@ from prefect.cache_policies import NONE
 from flows.params import DatasetParams
 from flows.runners import ensure_gpu_limit, gpu_tag, retry_only_transient, task_runner_for
 from schemas.config import Config
-from tasks.latents import encode_shard, plan, prepare, write_index
+from tasks.latents import encode_shard, plan, prepare, skipped_result, write_index
 from tasks.store import StageStore
 
 
@@ -77,7 +77,12 @@ def latents(params: DatasetParams = DatasetParams()) -> dict:
     runner = task_runner_for(cfg.runner)   # before planning: a runner that cannot exist fails up front
     the_plan = plan(cfg, params.dataset, store)
     index_current = prepare(cfg, the_plan, store)
-    results = latents_shards.with_options(task_runner=runner)(cfg, params.dataset, the_plan["shards"])
+    # Planned once: only shards whose latent shard is not done become task runs.
+    done = {s["shard"]: skipped_result(params.dataset, s, store) for s in the_plan["shards"]}
+    todo = [s for s in the_plan["shards"] if done[s["shard"]] is None]
+    ran = latents_shards.with_options(task_runner=runner)(cfg, params.dataset, todo) if todo else []
+    by_shard = {**{k: v for k, v in done.items() if v is not None}, **{r["shard"]: r for r in ran}}
+    results = [by_shard[s["shard"]] for s in the_plan["shards"]]
     summary = index_task(cfg, the_plan, results, index_current)
     create_markdown_artifact(summary_markdown(summary),
                              key=f"latents-{params.dataset}".replace("_", "-").lower(),

@@ -14,7 +14,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from flows.params import DatasetParams
+from flows.params import PackParams
 from schemas.config import Config
 from tasks.pack import check_dataset_name, read_manifest, require_catalog
 from tasks.pack import pack as pack_dataset
@@ -24,8 +24,8 @@ from tasks.store import StageStore
 
 
 @task(name="pack", cache_policy=NONE)
-def pack_task(cfg: Config, dataset: str) -> dict:
-    return pack_dataset(cfg, dataset)
+def pack_task(cfg: Config, dataset: str, rebuild: bool = False) -> dict:
+    return pack_dataset(cfg, dataset, rebuild=rebuild)
 
 
 @task(name="pack-report", cache_policy=NONE)
@@ -50,13 +50,13 @@ def artifact_key(dataset: str, kind: str = "dataset-report") -> str:
 
 
 @flow(name="pack", log_prints=True)
-def pack(params: DatasetParams = DatasetParams()) -> dict:
+def pack(params: PackParams = PackParams()) -> dict:
     cfg = params.load()
     check_dataset_name(params.dataset)
     store = StageStore(cfg.work_root)
     store.check_writable()
     require_catalog(store)
-    summary = pack_task(cfg, params.dataset)
+    summary = pack_task(cfg, params.dataset, params.rebuild)
     if cfg.pack.report:
         markdown = report_task(cfg, summary)
         create_markdown_artifact(markdown, key=artifact_key(params.dataset),
@@ -67,6 +67,10 @@ def pack(params: DatasetParams = DatasetParams()) -> dict:
                           "lowest-confidence tracks per label (acepipe review; correct with acepipe override)")
     print(f"pack {params.dataset}: {summary['packed']} tracks in {summary['shards']} shards, "
           f"{summary['rejected']} left out{' (unchanged, skipped)' if summary['skipped'] else ''}")
+    if summary["mode"] == "append":
+        print(f"appended {summary['appended']} track(s) in {len(summary['new_shards'])} new shard(s), "
+              f"tombstoned {summary['removed_now']}; the other shards unchanged ({summary['tombstoned']} "
+              "tombstones in all: `acepipe pack --rebuild` compacts)")
     if summary.get("rewritten"):
         print(f"rewrote {len(summary['rewritten'])} damaged shard(s) with their recorded size and checksum: "
               f"{', '.join(summary['rewritten'])}; the rest unchanged")
@@ -79,9 +83,9 @@ def pack(params: DatasetParams = DatasetParams()) -> dict:
 
 
 def cli(args) -> int:
-    """`acepipe pack --config C --work W [--dataset NAME]`."""
-    params = DatasetParams(config=args.config, work_root=args.work, overrides=args.overrides,
-                           dataset=args.dataset)
+    """`acepipe pack --config C --work W [--dataset NAME] [--rebuild]`."""
+    params = PackParams(config=args.config, work_root=args.work, overrides=args.overrides,
+                        dataset=args.dataset, rebuild=args.rebuild)
     summary = pack(params)
     shard_dir = posixpath.join(summary["work_root"], "shards", summary["dataset"])
     print(f"manifest  {posixpath.join(summary['work_root'], 'manifest', summary['dataset'] + '.parquet')}")

@@ -30,3 +30,10 @@ class RunParams(BaseModel):
 class DatasetParams(RunParams):
     """Parameters of the pack and latents flows: a run's config plus the dataset name."""
     dataset: str = Field("default", description="dataset name under manifest/, shards/ and latents/")
+
+
+class PackParams(DatasetParams):
+    """Parameters of the pack flow."""
+    rebuild: bool = Field(False, description="pack every kept track again in track_id order and drop the "
+                          "tombstones (compaction); by default a pack appends new and changed tracks to new "
+                          "shards and leaves the others byte-identical, so their latents are not encoded again")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.curate import CurateFailed, curate
 from flows.latents import latents
 from flows.pack import pack
-from flows.params import DatasetParams, RunParams
+from flows.params import DatasetParams, PackParams, RunParams
 from flows.train import TRAIN_PROFILES, TrainParams, train
 
 
@@ -44,7 +44,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         # Packing a catalog with failed partitions would ship a partial dataset: stop here. A
         # returned Failed state ends the run without a second traceback; the caller gets `exc`.
         return Failed(message=str(exc), data=exc)
-    result["pack"] = pack(dataset)
+    result["pack"] = pack(PackParams(**dataset.model_dump()))
     result["latents"] = latents(dataset)
     if params.train:
         work_root = params.run.load().work_root

@@ -1,6 +1,8 @@
 """The LightningDataModule over latent shards (stage 8's output, read by the train stage).
 
-Reads `<shards>/index.parquet` (shard, track_id, frames) and the WebDataset tars beside it.
+Reads `<shards>/index.parquet` (shard, track_id, frames) and the WebDataset tars beside it, and
+reads only the samples it lists, by (shard, track_id): a latent shard also holds samples that
+pack tombstoned since (tasks/pack_append.py), which the latents stage leaves out of the index.
 Training streams an infinite, resampled, shuffled sequence (so DDP ranks and loader workers
 never need an epoch boundary), randomly cropped to `max_frames`; each DDP rank resamples only
 its own disjoint share of the tracks (`rank_share`).
@@ -113,21 +115,27 @@ class Collate:
         return batch
 
 
+def sample_key(raw: dict) -> tuple[str, str]:
+    """(shard file name, track_id) of a raw WebDataset sample: what the index names. A track
+    packed again after a change has a tombstoned sample of the same key in an older shard."""
+    return raw["__url__"].replace("\\", "/").rsplit("/", 1)[-1], raw["__key__"]
+
+
 def rank_share(index: list[dict], root: Path, held_out: set[str], rank: int, world: int
-               ) -> tuple[list[str], set[str]]:
-    """The shards a data-parallel rank reads and the training tracks it keeps from them: disjoint
-    across ranks. With at least one shard per rank, whole shards (round robin); with fewer, every
-    shard, and the tracks split by track_id hash. A rank left with no track is an error (it would
-    wait forever for a first batch)."""
+               ) -> tuple[list[str], set[tuple[str, str]]]:
+    """The shards a data-parallel rank reads and the training samples ((shard, track_id), as
+    index.parquet lists them) it keeps from them: disjoint across ranks. With at least one shard
+    per rank, whole shards (round robin); with fewer, every shard, and the tracks split by
+    track_id hash. A rank left with no track is an error (it would wait forever for a first batch)."""
     shards = sorted({row["shard"] for row in index})
     if world > 1 and len(shards) >= world:
         own = set(shards[rank::world])
-        tracks = {row["track_id"] for row in index if row["shard"] in own}
+        tracks = {(row["shard"], row["track_id"]) for row in index if row["shard"] in own}
     else:
         own = set(shards)
-        tracks = {row["track_id"] for row in index
+        tracks = {(row["shard"], row["track_id"]) for row in index
                   if world == 1 or int(hashlib.sha1(row["track_id"].encode()).hexdigest()[8:16], 16) % world == rank}
-    tracks -= held_out
+    tracks = {t for t in tracks if t[1] not in held_out}
     if not tracks:
         raise ShardError(f"rank {rank} of {world} has no training track ({len(index)} tracks in "
                          f"{len(shards)} shards, {len(held_out)} held out): train on fewer devices or more data")
@@ -167,7 +175,8 @@ class LatentDataModule(L.LightningDataModule):
         held = [t for t in ids if is_held_out(t, self.cfg.data.val_fraction)][: self.cfg.data.val_samples]
         self.held_out = set(held)
         # Too small a corpus to hold tracks out: validate on the first few training tracks.
-        self.val_ids = set(held) if held else set(ids[: self.cfg.data.val_samples])
+        val_ids = set(held) if held else set(ids[: self.cfg.data.val_samples])
+        self.val_keys = {(row["shard"], row["track_id"]) for row in index if row["track_id"] in val_ids}
         self.val_samples = self._load_val()
         self._fill_target_dims()
         self._check_dims(self.val_samples[0] if self.val_samples else None)
@@ -194,10 +203,10 @@ class LatentDataModule(L.LightningDataModule):
         found = []
         for raw in wds.WebDataset(self.shard_urls, shardshuffle=False, empty_check=False,
                                   nodesplitter=None, workersplitter=None):
-            if raw["__key__"] in self.val_ids:
+            if sample_key(raw) in self.val_keys:
                 s = decode_sample(raw, self.target_names)
                 found.append(crop(s, self.cfg.data.max_frames, None, self.target_names))
-            if len(found) == len(self.val_ids):
+            if len(found) == len(self.val_keys):
                 break
         return sorted(found, key=lambda s: s["track_id"])
 
@@ -223,7 +232,7 @@ class LatentDataModule(L.LightningDataModule):
 
         def pipeline(src):
             for raw in src:
-                if raw["__key__"] in mine:
+                if sample_key(raw) in mine:
                     yield crop(decode_sample(raw, names), max_frames, rng, names)
 
         # Resampled shards are an independent random stream per process, so a node splitter

@@ -6,7 +6,9 @@ a stage that is not configured are null. Its schema metadata carries the stage k
 built from. The shard index (`shards/<dataset>/index.parquet`) lists each sample's shard;
 it is written last, so its presence says the shards, manifest and rejects beside it are
 complete, and it records each shard's size and blake2b as written (a pack rerun compares
-sizes, acepipe verify checksums). A sample's JSON holds the manifest row less uri, partition,
+sizes, acepipe verify checksums). Shards are append-only: the index lists every sample the
+shards hold, and a sample that left the dataset keeps its row with `removed` (its tombstone)
+set; readers take the rows whose `removed` is null (`live_index`). A sample's JSON holds the manifest row less uri, partition,
 shard and flac_bytes (where the file lay, not what it is), plus sample_rate, channels and
 lyrics_text. Every label a model or DSP stage produced carries its confidence beside it, and a
 field a person corrected (overrides/<dataset>.parquet, tasks/overrides.py) holds the person's
@@ -115,9 +117,13 @@ SHARD_INDEX_SCHEMA = pa.schema([
     pa.field("duration", pa.float64()),
     pa.field("shard_bytes", pa.int64()),   # the whole shard file's size, as written
     pa.field("shard_blake2b", pa.string()),   # blake2b-128 (hex) of the shard file, as written
+    pa.field("flac_bytes", pa.int64()),    # the sample's FLAC (the manifest's flac_bytes)
+    pa.field("sample_blake2b", pa.string()),  # blake2b-128 of the sample's .json and .txt: its metadata
+    pa.field("removed", pa.string()),      # null: live; else the tombstone: why the sample left the dataset
 ])
-# An index without these (written before they existed) is rebuilt, like one that does not read.
 SHARD_DIGEST_COLUMNS = ("shard_bytes", "shard_blake2b")
+# An index without these (written before they existed) is rebuilt, like one that does not read.
+INDEX_REQUIRED_COLUMNS = (*SHARD_DIGEST_COLUMNS, "flac_bytes", "sample_blake2b", "removed")
 
 # Tracks that were candidates but did not make it into the shards, with why.
 PACK_REJECTS_SCHEMA = pa.schema([

@@ -23,6 +23,10 @@ the frames wholly covered by audio (ACE-Step's latent_lengths). Batches are padd
 the DCAE's linear attention spans the whole mel, so padding moves a latent slightly (ACE-Step
 trains on batch-padded latents too); sorting by duration keeps the padding small.
 
+Pack appends: a tombstoned sample (the audio index's `removed`) stays in its latent shard, which
+is not encoded again, and is left out of index.parquet and rejects.parquet, so the trainer never
+reads it.
+
 Reason codes added here (beside the audio loader's: unreadable, empty, non_finite, silent, ...):
   missing_audio   the audio shard has no .flac (or .json) for a track its index lists
   bad_latent      the latent has the wrong shape or non-finite values ("bad_latent: shape ...")
@@ -86,8 +90,11 @@ def plan(cfg: Config, dataset: str, store: StageStore) -> dict:
     check_dataset_name(dataset)
     audio_index = read_audio_index(store, dataset)
     by_shard: dict[str, list[dict]] = {}
+    removed: list[list[str]] = []   # tombstoned samples: encoded with their shard, left out of the index
     for row in audio_index.to_pylist():
         by_shard.setdefault(row["shard"], []).append(row)
+        if row.get("removed") is not None:
+            removed.append([row["shard"], row["track_id"]])
     audio_dir = store.path("shards", dataset)
     shards = []
     for name in sorted(by_shard):
@@ -97,9 +104,12 @@ def plan(cfg: Config, dataset: str, store: StageStore) -> dict:
                                     f"`acepipe pack --dataset {dataset}`")
         shards.append({"shard": name, "tracks": by_shard[name],
                        "fingerprint": shard_fingerprint(cfg, by_shard[name], store.fs.size(path))})
-    overall = hashlib.sha256("".join(s["fingerprint"] for s in shards).encode()).hexdigest()[:16]
+    removed.sort()
+    overall = hashlib.sha256("".join(s["fingerprint"] for s in shards).encode() +
+                             json.dumps(removed).encode()).hexdigest()[:16]
     pack_meta = audio_index.schema.metadata or {}
     return {"dataset": dataset, "shards": shards, "fingerprint": overall,
+            "removed": sorted(removed),
             "pack_fingerprint": pack_meta.get(b"fingerprint", b"").decode()}
 
 
@@ -139,23 +149,39 @@ def _read_samples(store: StageStore, path: str, tracks: list[dict]) -> Iterator[
                         if ext in ("flac", "json", "txt")}
 
 
+def skipped_result(dataset: str, shard_plan: dict, store: StageStore) -> dict | None:
+    """The shard's counts when its latent shard is done (its record has the plan's fingerprint and
+    its tar the recorded size), else None. The flow asks this before it creates a task run, so an
+    unchanged shard costs a footer read and a stat, not a Prefect task run."""
+    started = time.perf_counter()
+    shard = shard_plan["shard"]
+    out_dir = latent_dir(store, dataset)
+    rec_path, tar_path = record_path(store, dataset, shard), posixpath.join(out_dir, shard)
+    record = store.read_table_or_quarantine(rec_path) if store.exists(tar_path) else None
+    if record is None:
+        return None
+    meta = record.schema.metadata or {}
+    recorded = {shard: int(meta[b"tar_bytes"])} if b"tar_bytes" in meta else {}
+    damaged = damaged_shards(store, out_dir, recorded)
+    if damaged:
+        log.warning("latents: %s is damaged (%s); encoding it again", tar_path, damaged[shard])
+        return None
+    if meta.get(b"fingerprint", b"").decode() != shard_plan["fingerprint"]:
+        return None
+    return _counts(shard, record.to_pylist(), skipped=True, seconds=time.perf_counter() - started)
+
+
 def encode_shard(cfg: Config, dataset: str, shard_plan: dict, store: StageStore | None = None) -> dict:
     """Encode one audio shard into its latent shard and record; skipped when the record on disk
     has the plan's fingerprint. Returns the shard's counts."""
     started = time.perf_counter()
     store = store or StageStore(cfg.work_root)
+    done = skipped_result(dataset, shard_plan, store)
+    if done is not None:
+        return done
     shard, fingerprint = shard_plan["shard"], shard_plan["fingerprint"]
     out_dir = latent_dir(store, dataset)
     rec_path, tar_path = record_path(store, dataset, shard), posixpath.join(out_dir, shard)
-    record = store.read_table_or_quarantine(rec_path) if store.exists(tar_path) else None
-    if record is not None:
-        meta = record.schema.metadata or {}
-        recorded = {shard: int(meta[b"tar_bytes"])} if b"tar_bytes" in meta else {}
-        damaged = damaged_shards(store, out_dir, recorded)
-        if damaged:
-            log.warning("latents: %s is damaged (%s); encoding it again", tar_path, damaged[shard])
-        elif meta.get(b"fingerprint", b"").decode() == fingerprint:
-            return _counts(shard, record.to_pylist(), skipped=True, seconds=time.perf_counter() - started)
 
     dcae, ssl = encoders(cfg)
     lc = cfg.latents
@@ -223,6 +249,7 @@ def write_index(cfg: Config, the_plan: dict, results: list[dict], store: StageSt
     dataset = the_plan["dataset"]
     out = latent_dir(store, dataset)
     index_rows, rejects = [], []
+    removed = {(shard, track_id) for shard, track_id in the_plan.get("removed", [])}
     for s in the_plan["shards"]:
         path = record_path(store, dataset, s["shard"])
         record = store.read_table(path) if store.exists(path) else None
@@ -232,6 +259,8 @@ def write_index(cfg: Config, the_plan: dict, results: list[dict], store: StageSt
             raise RuntimeError(f"latent shard {s['shard']} of dataset {dataset} is not complete; run the "
                                "latents flow again (completed shards are skipped)")
         for r in record.to_pylist():
+            if (s["shard"], r["track_id"]) in removed:   # tombstoned by pack
+                continue
             if r["status"] == STATUS_OK:
                 index_rows.append({k: r[k] for k in ("shard", "track_id", "frames", "valid_length", "duration")})
             else:

@@ -134,11 +134,12 @@ def _present(store: StageStore, path: str, wanted: list[str]) -> list[str]:
 
 
 def candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None = None,
-               ) -> tuple[list[tuple[dict, dict]], list[dict], dict]:
+               waiting: set[str] | None = None) -> tuple[list[tuple[dict, dict]], list[dict], dict]:
     """(manifest row, catalog row) of every track kept by all stages and the filter, in
     track_id order; the rows left out by the filter; counts of tracks not kept upstream.
     `overrides` ({track_id: {field: value}}, tasks/overrides.py) replace stage values before
-    the filter looks at them."""
+    the filter looks at them. `waiting`, when given, receives the ids of tracks whose partition
+    lacks a stage output (curate has not reached it under the current stage keys)."""
     overrides = overrides or {}
     order = dag_order(cfg.stages)
     keys = stage_keys(cfg, order)
@@ -154,6 +155,8 @@ def candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None
             path = store.stage_path(name, keys[name], p)
             if not store.exists(path):  # curate has not reached this partition yet
                 upstream["stage_missing"] += len(rows)
+                if waiting is not None:
+                    waiting.update(rows)
                 rows = {}
                 break
             columns = _present(store, path, ["track_id", "status", *STAGE_COLUMNS.get(name, [])])

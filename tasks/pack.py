@@ -5,21 +5,24 @@ puts a person's corrections (overrides/<dataset>.parquet, tasks/overrides.py) in
 stage values they correct, keeps tracks that are ok everywhere and pass `pack.filter`, and writes
 
     shards/<dataset>/shard-NNNNNN.tar   WebDataset: <track_id>.flac, .json (metadata), .txt (lyrics)
-    shards/<dataset>/index.parquet      shard, track_id, bytes, duration (written last)
+    shards/<dataset>/index.parquet      shard, track_id, sizes, digests, tombstone (written last)
     shards/<dataset>/rejects.parquet    candidates left out at pack time, with reasons
     manifest/<dataset>.parquet          one row per packed track (schemas/pack.py)
 
-Tracks go in track_id order (a hash: shards mix sources evenly), tar headers carry no clock
-or owner (tasks/shards.py), and a sample holds only what derives from the track's bytes and
-stage outputs (not where the file lies), so the same inputs, overrides and config give
-byte-identical shards; the overrides' digest is part of the fingerprint, so a changed override
-packs again and an unchanged one does not. A shard is written under a hidden temporary name
-and renamed when complete. Before any shard changes, the index, manifest and rejects of the
-previous pack are removed, so an index on disk always describes the shards beside it: readers
-go by the index, never by a directory listing. The index records each shard's size and blake2b as written; a rerun whose
-inputs are unchanged stats every shard before it skips, and writes a missing or resized shard
-again from its own tracks (kept only if it comes out with the recorded checksum; else the
-whole dataset is packed again). Reason codes added here: `filtered` (the pack filter; detail
+A first pack (or `--rebuild`) writes the tracks in track_id order (a hash: shards mix sources
+evenly); later packs append (tasks/pack_append.py): new and changed tracks go to new shards,
+departed ones are tombstoned in the index, and every other shard stays byte-identical, so its
+latent shard is not encoded again. Tar headers carry no clock or owner (tasks/shards.py), and a
+sample holds only what derives from the track's bytes and stage outputs (not where the file
+lies), so the same inputs, overrides and config give byte-identical shards; the overrides'
+digest is part of the fingerprint, so a changed override packs again and an unchanged one does
+not. A shard is written under a hidden temporary name and renamed when complete. The index is
+written last and readers go by it, never by a directory listing: a full pack removes the
+previous index, manifest and rejects before any shard changes; an append writes only shards
+the index does not name yet (and removes such shards a killed append left). The index records
+each shard's size and blake2b as written; a rerun stats every shard, and writes a missing or
+resized shard again from its own tracks (kept only if it comes out with the recorded checksum;
+else the whole dataset is packed again). Reason codes added here: `filtered` (the pack filter; detail
 names the field and threshold), `missing_field` (a required or filtered-on value is null),
 `stage_unreadable` (a stage output of the track's partition does not read: it is moved to
 quarantine/ and curate recomputes it), `source_missing` and `source_changed` (the file is
@@ -42,11 +45,12 @@ import soundfile as sf
 
 from schemas.common import reason_code
 from schemas.config import Config, ConfigError, section_dump
-from schemas.pack import MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, SHARD_DIGEST_COLUMNS, SHARD_INDEX_SCHEMA
+from schemas.pack import INDEX_REQUIRED_COLUMNS, MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, SHARD_INDEX_SCHEMA
 from tasks.audio import load_track
 from tasks.ingest import content_hash
 from tasks.manifest import candidates
 from tasks.overrides import load_overrides
+from tasks.pack_append import next_shard_number, plan_increment, previous_rows, sample_digest, with_tombstones
 from tasks.shards import TMP_PREFIX, ShardWriter, damaged_shards, ordered_map, rewrite_shard
 from tasks.store import StageStore, StoreError
 
@@ -92,6 +96,13 @@ def source_problem(track: dict) -> str | None:
     return None
 
 
+def metadata_files(row: dict, cfg: Config) -> dict[str, bytes]:
+    """The sample's .json and .txt: what derives from its manifest row."""
+    meta = sample_metadata(row, cfg.pack.sample_rate, cfg.pack.channels)
+    return {"json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=float).encode(),
+            "txt": sample_lyrics(row).encode()}
+
+
 def encode_sample(pair: tuple[dict, dict], cfg: Config) -> tuple[dict, dict[str, bytes] | None, str | None]:
     """Decode the source at the pack rate, encode FLAC; (row, files, None) or (row, None, reason)."""
     row, track = pair
@@ -106,25 +117,33 @@ def encode_sample(pair: tuple[dict, dict], cfg: Config) -> tuple[dict, dict[str,
         flac = encode_flac(audio, pc.sample_rate, pc.flac_subtype)
     except Exception as exc:  # noqa: BLE001 - one bad file is a reject row, not a failed pack
         return row, None, getattr(exc, "reason", None) or f"exception: {type(exc).__name__}: {exc}"[:300]
-    meta = sample_metadata(row, pc.sample_rate, pc.channels)
-    files = {"flac": flac,
-             "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=float).encode(),
-             "txt": sample_lyrics(row).encode()}
-    return row, files, None
+    return row, {"flac": flac, **metadata_files(row, cfg)}, None
+
+
+def audio_format(cfg: Config, dataset: str) -> str:
+    """What decides a sample's FLAC and the form of its JSON, beside the track's own bytes: the
+    dataset, the pack's audio format, the audio config and the manifest's columns. Shards packed
+    in another format are not appended to: the dataset is packed whole again."""
+    pc = cfg.pack
+    blob = json.dumps({"dataset": dataset, "sample_rate": pc.sample_rate, "channels": pc.channels,
+                       "flac_subtype": pc.flac_subtype, "audio": section_dump(cfg.audio),
+                       "manifest": MANIFEST_SCHEMA.to_string(show_schema_metadata=False)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def fingerprint(cfg: Config, dataset: str, keys: dict[str, str], track_ids: list[str],
                 overrides: str = "") -> str:
-    """What decides the shards' bytes: the pack and audio config (not the thread count or
-    the report switches), the manifest's columns (a sample's JSON is its row), the stage keys,
-    the overrides' digest, the tracks."""
+    """What decides the pack's outcome: the audio format, the pack config (not the thread count
+    or the report switches), the stage keys, the overrides' digest, the tracks. The index on disk
+    carries it; a pack whose fingerprint matches it has nothing to do."""
     pack_cfg = section_dump(cfg.pack)
     for knob in ("workers", "report", "review_per_label", "enabled"):
         pack_cfg.pop(knob, None)
-    blob = json.dumps({"dataset": dataset, "pack": pack_cfg, "audio": section_dump(cfg.audio),
-                       "manifest": MANIFEST_SCHEMA.to_string(show_schema_metadata=False),
-                       "keys": keys, "overrides": overrides, "tracks": track_ids}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps({"format": audio_format(cfg, dataset), "pack": pack_cfg, "keys": keys,
+                                   "overrides": overrides}, sort_keys=True).encode())
+    for track_id in track_ids:   # streamed: 1.8M ids would make a 100 MB string
+        h.update(track_id.encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 # -- the whole pack -----------------------------------------------------------------------------
@@ -140,25 +159,29 @@ def require_catalog(store: StageStore) -> None:
 
 
 def pack(cfg: Config, dataset: str = "default", store: StageStore | None = None,
-         expect_fingerprint: str | None = None) -> dict:
-    """Build manifest, shards, index and rejects for `dataset`. Returns a summary dict.
-    With `expect_fingerprint` (acepipe verify repairing a pack), refuse with a StoreError,
-    before any file changes, when this config and the stage outputs would pack other data."""
+         expect_fingerprint: str | None = None, rebuild: bool = False) -> dict:
+    """Build or extend manifest, shards, index and rejects for `dataset`; returns a summary dict.
+    Appends to the shards on disk unless `rebuild` (or their audio format changed): see
+    tasks/pack_append.py. With `expect_fingerprint` (acepipe verify repairing a pack), refuse
+    with a StoreError, before any file changes, when this config and the stage outputs would
+    pack other data."""
     check_dataset_name(dataset)
     store = store or StageStore(cfg.work_root)
     require_catalog(store)
     with store.lock(f"pack-{dataset}"):
-        return _pack(cfg, dataset, store, expect_fingerprint)
+        return _pack(cfg, dataset, store, expect_fingerprint, rebuild)
 
 
-def _pack(cfg: Config, dataset: str, store: StageStore, expect_fingerprint: str | None = None) -> dict:
+def _pack(cfg: Config, dataset: str, store: StageStore, expect_fingerprint: str | None = None,
+          rebuild: bool = False) -> dict:
     started = time.perf_counter()
     shard_dir = store.path("shards", dataset)
-    index_path = posixpath.join(shard_dir, "index.parquet")
-    manifest_path = store.path("manifest", f"{dataset}.parquet")
-    rejects_path = posixpath.join(shard_dir, "rejects.parquet")
+    paths = {"index": posixpath.join(shard_dir, "index.parquet"),
+             "manifest": store.path("manifest", f"{dataset}.parquet"),
+             "rejects": posixpath.join(shard_dir, "rejects.parquet")}
     by_track, overrides_digest = load_overrides(store, dataset)
-    pairs, rejects, upstream = candidates(store, cfg, by_track)
+    waiting: set[str] = set()
+    pairs, rejects, upstream = candidates(store, cfg, by_track, waiting)
     fp = fingerprint(cfg, dataset, upstream["keys"], [r["track_id"] for r, _ in pairs], overrides_digest)
     if expect_fingerprint is not None and fp != expect_fingerprint:
         raise StoreError(f"dataset {dataset} was packed from other inputs than this config and the stage "
@@ -170,30 +193,34 @@ def _pack(cfg: Config, dataset: str, store: StageStore, expect_fingerprint: str 
         log.warning("pack %s: overrides of %d track(s) not kept upstream apply to nothing: %s", dataset,
                     len(unused), ", ".join(sorted(unused)[:5]))
     summary = {"dataset": dataset, "work_root": cfg.work_root, "fingerprint": fp, "rewritten": [],
-               "overrides": sum(len(f) for f in by_track.values()), **upstream}
+               "overrides": sum(len(f) for f in by_track.values()), "overrides_digest": overrides_digest, "mode": "full", "appended": 0,
+               "tombstoned": 0, "removed_now": 0, "new_shards": [], **upstream}
 
     _remove_temporaries(store, shard_dir)
-    index = _read_index(store, index_path)
-    if index is not None and (index.schema.metadata or {}).get(b"fingerprint", b"").decode() == fp and \
-            _reads(store, manifest_path) and _reads(store, rejects_path):
+    index = None if rebuild else _read_index(store, paths["index"])
+    meta = (index.schema.metadata or {}) if index is not None else {}
+    if index is not None and meta.get(b"format", b"").decode() == audio_format(cfg, dataset):
         rows = index.to_pylist()
-        shards = sorted({r["shard"] for r in rows})
         damaged = damaged_shards(store, shard_dir, {r["shard"]: r["shard_bytes"] for r in rows})
         problem = _rewrite_shards(cfg, store, shard_dir, damaged, rows, pairs)
         if problem is None:
-            old_rejects = store.read_table(rejects_path).to_pylist()
-            return {**summary, "skipped": not damaged, "rewritten": sorted(damaged), "packed": len(rows),
-                    "shards": len(shards), **_outcome(old_rejects, rows),
-                    "seconds": round(time.perf_counter() - started, 2)}
+            summary["rewritten"] = sorted(damaged)
+            if meta.get(b"fingerprint", b"").decode() == fp and _reads(store, paths["manifest"]) and \
+                    _reads(store, paths["rejects"]):
+                old_rejects = store.read_table(paths["rejects"]).to_pylist()
+                return _finish(summary, "skip", old_rejects, rows, started)
+            return _append(cfg, dataset, store, paths, rows, pairs, rejects, waiting, summary, started)
         log.warning("pack %s: %s; packing the whole dataset again", dataset, problem)
-    # From here on no index, manifest or rejects describes shards that are about to change.
-    for path in (index_path, manifest_path, rejects_path):
-        if store.exists(path):
-            store.fs.rm(path)
+    return _full(cfg, dataset, store, paths, pairs, rejects, summary, started)
 
+
+def _write_samples(cfg: Config, store: StageStore, shard_dir: str, pairs: list[tuple[dict, dict]],
+                   rejects: list[dict], first: int) -> tuple[list[dict], list[dict]]:
+    """Encode and write `pairs` into shards numbered from `first`; (manifest rows, index rows).
+    A track that fails to encode becomes a row of `rejects`."""
     packed: list[dict] = []
     index_rows: list[dict] = []
-    with ShardWriter(store, shard_dir, cfg.pack.shard_bytes) as writer:
+    with ShardWriter(store, shard_dir, cfg.pack.shard_bytes, first=first) as writer:
         for row, files, reason in ordered_map(lambda p: encode_sample(p, cfg), pairs, cfg.pack.workers):
             if reason:
                 rejects.append({"track_id": row["track_id"], "uri": row["uri"], "reason": reason})
@@ -201,23 +228,78 @@ def _pack(cfg: Config, dataset: str, store: StageStore, expect_fingerprint: str 
             shard = writer.add(row["track_id"], files)
             packed.append(dict(row, shard=shard, flac_bytes=len(files["flac"])))
             index_rows.append({"shard": shard, "track_id": row["track_id"],
-                               "bytes": sum(len(b) for b in files.values()), "duration": row["duration"]})
-        shards = list(writer.shards)
+                               "bytes": sum(len(b) for b in files.values()), "duration": row["duration"],
+                               "flac_bytes": len(files["flac"]), "sample_blake2b": sample_digest(files),
+                               "removed": None})
     for r in index_rows:
         r["shard_bytes"], r["shard_blake2b"] = writer.digests[r["shard"]]
-    _remove_stale_shards(store, shard_dir, set(shards))
+    return packed, index_rows
 
-    manifest = pa.Table.from_pylist(packed, schema=MANIFEST_SCHEMA).replace_schema_metadata(
-        {"stage_keys": json.dumps(upstream["keys"], sort_keys=True), "dataset": dataset, "fingerprint": fp,
-         "overrides": overrides_digest})
+
+def _full(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], pairs: list[tuple[dict, dict]],
+          rejects: list[dict], summary: dict, started: float) -> dict:
+    """Every live track again, in track_id order from shard-000000, no tombstones (compaction)."""
+    # From here on no index, manifest or rejects describes shards that are about to change.
+    for path in paths.values():
+        if store.exists(path):
+            store.fs.rm(path)
+    shard_dir = posixpath.dirname(paths["index"])
+    packed, index_rows = _write_samples(cfg, store, shard_dir, pairs, rejects, first=0)
+    _remove_stale_shards(store, shard_dir, {r["shard"] for r in index_rows})
+    _write_outputs(cfg, dataset, store, paths, packed, rejects, index_rows, summary)
+    summary["appended"] = len(packed)
+    return _finish(summary, "full", rejects, index_rows, started)
+
+
+def _append(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], index_rows: list[dict],
+            pairs: list[tuple[dict, dict]], rejects: list[dict], waiting: set[str], summary: dict,
+            started: float) -> dict:
+    """New and changed tracks into new shards; departed ones tombstoned; the rest untouched."""
+    shard_dir = posixpath.dirname(paths["index"])
+    # Shards a killed append left beside the index: not in it, so not in the dataset.
+    _remove_stale_shards(store, shard_dir, {r["shard"] for r in index_rows})
+    digests = [sample_digest(metadata_files(row, cfg)) for row, _ in pairs]
+    inc = plan_increment(pairs, digests, index_rows, rejects, waiting)
+    kept = dict(inc.keep)
+    kept.update(previous_rows(store, paths["manifest"], inc.pending))
+    for track_id in inc.pending:
+        if track_id not in kept:   # no previous row to keep it by: it leaves until curate catches up
+            old = next(r for r in index_rows if r["track_id"] == track_id and r["removed"] is None)
+            inc.tombstones[(old["shard"], track_id)] = ("stage_missing: its partition waits for a stage "
+                                                       "output; run `acepipe run`, then pack again")
+    packed, new_rows = _write_samples(cfg, store, shard_dir, inc.append, rejects,
+                                      first=next_shard_number(index_rows))
+    appended_to = {r["track_id"]: r["shard"] for r in new_rows}
+    rows = with_tombstones(index_rows, inc.tombstones, appended_to) + new_rows
+    kept.update((r["track_id"], r) for r in packed)
+    manifest = [dict(kept[r["track_id"]], shard=r["shard"]) for r in rows if r["removed"] is None]
+    _write_outputs(cfg, dataset, store, paths, manifest, rejects, rows, summary)
+    summary.update(appended=len(packed), removed_now=len(inc.tombstones),
+                   new_shards=sorted({r["shard"] for r in new_rows}))
+    return _finish(summary, "append", rejects, rows, started)
+
+
+def _write_outputs(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], manifest_rows: list[dict],
+                   rejects: list[dict], index_rows: list[dict], summary: dict) -> None:
+    """Manifest and rejects, then the index: last, its presence says the rest is complete."""
+    fp, keys = summary["fingerprint"], summary["keys"]
+    manifest = pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
+        {"stage_keys": json.dumps(keys, sort_keys=True), "dataset": dataset, "fingerprint": fp,
+         "overrides": summary["overrides_digest"]})
     rejects.sort(key=lambda r: r["track_id"])
-    store.write_table(manifest_path, manifest)
-    store.write_table(rejects_path, pa.Table.from_pylist(rejects, schema=PACK_REJECTS_SCHEMA))
+    store.write_table(paths["manifest"], manifest)
+    store.write_table(paths["rejects"], pa.Table.from_pylist(rejects, schema=PACK_REJECTS_SCHEMA))
     index = pa.Table.from_pylist(index_rows, schema=SHARD_INDEX_SCHEMA).replace_schema_metadata(
-        {"fingerprint": fp, "dataset": dataset})
-    store.write_table(index_path, index)  # last: its presence says the rest is complete
-    return {**summary, "skipped": False, "packed": len(packed), "shards": len(shards),
-            **_outcome(rejects, index_rows), "seconds": round(time.perf_counter() - started, 2)}
+        {"fingerprint": fp, "dataset": dataset, "format": audio_format(cfg, dataset)})
+    store.write_table(paths["index"], index)
+
+
+def _finish(summary: dict, mode: str, rejects: list[dict], index_rows: list[dict], started: float) -> dict:
+    live = [r for r in index_rows if r.get("removed") is None]
+    return {**summary, "mode": mode, "skipped": mode == "skip" and not summary["rewritten"],
+            "packed": len(live), "shards": len({r["shard"] for r in index_rows}),
+            "tombstoned": len(index_rows) - len(live), **_outcome(rejects, live),
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _read_index(store: StageStore, index_path: str) -> pa.Table | None:
@@ -230,7 +312,7 @@ def _read_index(store: StageStore, index_path: str) -> pa.Table | None:
         index = store.read_table(index_path)
     except (OSError, pa.ArrowInvalid):
         return None
-    return index if all(c in index.column_names for c in SHARD_DIGEST_COLUMNS) else None
+    return index if all(c in index.column_names for c in INDEX_REQUIRED_COLUMNS) else None
 
 
 def _reads(store: StageStore, path: str) -> bool:

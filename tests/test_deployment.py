@@ -29,11 +29,11 @@ def test_every_deployments_parameters_validate_and_are_explicit():
     import yaml
 
     from flows.export import ExportParams
-    from flows.params import DatasetParams, RunParams
+    from flows.params import DatasetParams, PackParams, RunParams
     from flows.pipeline import PipelineParams
     from flows.train import TrainParams
 
-    models = {"flows/curate.py:curate": RunParams, "flows/pack.py:pack": DatasetParams,
+    models = {"flows/curate.py:curate": RunParams, "flows/pack.py:pack": PackParams,
               "flows/export.py:export": ExportParams,
               "flows/latents.py:latents": DatasetParams, "flows/train.py:train": TrainParams,
               "flows/pipeline.py:pipeline": PipelineParams}

@@ -519,11 +519,11 @@ def add(self, key, files):
     return shard
 shards.ShardWriter.add = add
 cfg = Config.model_validate_json(open({cfg!r}).read())
-pack.pack(cfg, "crash")
+pack.pack(cfg, "crash", rebuild=True)
 """
 
 
-def test_a_killed_pack_leaves_no_partial_shard_and_no_index(work, tmp_path):
+def test_a_killed_rebuild_leaves_no_partial_shard_and_no_index(work, tmp_path):
     store = work.store
     pack(with_overrides(work.cfg, "pack.shard_bytes=1000000000"), "crash")   # a complete earlier pack
     assert visible_shards(store, "crash") == ["shard-000000.tar"]
@@ -544,7 +544,7 @@ def test_a_killed_pack_leaves_no_partial_shard_and_no_index(work, tmp_path):
         assert all(len(tar.extractfile(m).read()) == m.size for m in tar.getmembers())
     assert names == [n for n in names if n.split(".")[0] in {r["track_id"] for r in work.manifest}]
 
-    summary = pack(cfg, "crash")   # the rerun cleans up and builds what a clean run builds
+    summary = pack(cfg, "crash")   # the rerun (no index: a full pack) builds what a clean run builds
     assert summary["skipped"] is False
     assert not list(shard_dir.glob(".tmp-*")) and not list(Path(store.root).glob(".lock-*"))
     assert_consistent(store, "crash")
@@ -584,11 +584,11 @@ def _is_png(data: bytes) -> bool:
 def test_flow_writes_shards_report_and_artifact(prefect_harness, work):
     from prefect.artifacts import Artifact
 
-    from flows.params import DatasetParams
+    from flows.params import PackParams
     from flows.pack import pack as pack_flow
 
-    params = DatasetParams(config="tiny", work_root=work.cfg.work_root, dataset="flow_run",
-                           overrides=fixture_overrides(Path(work.cfg.models.tiny_dir), Path(work.cfg.lyrics_db)))
+    params = PackParams(config="tiny", work_root=work.cfg.work_root, dataset="flow_run",
+                        overrides=fixture_overrides(Path(work.cfg.models.tiny_dir), Path(work.cfg.lyrics_db)))
     summary = pack_flow(params)
     assert summary["packed"] == work.summary["packed"] and summary["skipped"] is False
     assert_consistent(work.store, "flow_run")

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import soundfile as sf
 
 from schemas.pack import SHARD_DIGEST_COLUMNS
+from tasks.pack_append import live_index
 from tasks.store import StageStore, StoreError
 
 REPAIR = "run `acepipe verify --repair`, then `acepipe pack`, then export again"
@@ -66,7 +67,7 @@ def read_index(store: StageStore, dataset: str) -> pa.Table:
     if not store.exists(path):
         raise StoreError(f"no shard index at {path}: run `acepipe pack --dataset {dataset}` first "
                          "(an index is written last, so none means no complete pack)")
-    return store.read_table(path)
+    return live_index(store.read_table(path))   # tombstoned samples are not in the dataset
 
 
 def shard_groups(manifest: pa.Table, index: pa.Table, rejects: list[dict]) -> Iterator[ShardGroup]:
