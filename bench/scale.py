@@ -1,6 +1,10 @@
 """Scale benchmark: what an empty night costs over a large catalogued corpus (issue 12).
 
     .venv/bin/python bench/scale.py [--tracks 200000] [--partition-size 1000] [--new 0] [--dir /tmp]
+    .venv/bin/python bench/scale.py --increment [--tracks 100000] [--new-percent 1] [--shard-mb 50]
+
+`--increment` measures a 1% increment against a full run with real bytes (bench/scale_increment.py);
+without it, this:
 
 Builds, in a child process (so its memory does not count), a work root that looks like the
 corpus after a full curate: `--tracks` catalogued tracks in partitions of `--partition-size`, the
@@ -141,7 +145,17 @@ def main() -> int:
     ap.add_argument("--tiny-dir", default=".cache/tiny-models")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print the N functions of the measured run with the most cumulative time")
+    ap.add_argument("--increment", action="store_true", help="a full run, a 1%% increment and an empty night "
+                    "over real files (bench/scale_increment.py)")
+    ap.add_argument("--new-percent", type=float, default=1.0, help="with --increment: files added, in %% of --tracks")
+    ap.add_argument("--shard-mb", type=int, default=50, help="with --increment: pack.shard_bytes in MB")
+    ap.add_argument("--repa", action="store_true", help="with --increment: latents also compute the MERT and "
+                    "mHuBERT targets (default: the DCAE only)")
     args = ap.parse_args()
+    if args.increment:
+        from bench.scale_increment import main as increment
+
+        return increment(args)
 
     top = Path(tempfile.mkdtemp(prefix="acepipe-scale-", dir=args.dir))
     os.environ["PREFECT_HOME"] = str(top / "prefect-home")

@@ -31,7 +31,11 @@ def index_task(cfg: Config, the_plan: dict, results: list[dict], index_current: 
 
 
 @flow(name="latents-shards", log_prints=True)
-def latents_shards(cfg: Config, dataset: str, shards: list[dict]) -> list[dict]:
+def latents_shards(cfg: Config, dataset: str, names: list[str]) -> list[dict]:
+    """Encode the named audio shards. Takes names, not the plan: a subflow's parameters go to
+    Prefect's API, which refuses more than 512 KB (a plan lists every track)."""
+    wanted = set(names)
+    shards = [s for s in plan(cfg, dataset, StageStore(cfg.work_root))["shards"] if s["shard"] in wanted]
     tag = gpu_tag(True, cfg.device)   # capped by the gpu tag's concurrency limit on CUDA
     if tag == "gpu":
         ensure_gpu_limit(cfg.runner.gpu_concurrency)
@@ -80,7 +84,8 @@ def latents(params: DatasetParams = DatasetParams()) -> dict:
     # Planned once: only shards whose latent shard is not done become task runs.
     done = {s["shard"]: skipped_result(params.dataset, s, store) for s in the_plan["shards"]}
     todo = [s for s in the_plan["shards"] if done[s["shard"]] is None]
-    ran = latents_shards.with_options(task_runner=runner)(cfg, params.dataset, todo) if todo else []
+    ran = latents_shards.with_options(task_runner=runner)(cfg, params.dataset,
+                                                          [s["shard"] for s in todo]) if todo else []
     by_shard = {**{k: v for k, v in done.items() if v is not None}, **{r["shard"]: r for r in ran}}
     results = [by_shard[s["shard"]] for s in the_plan["shards"]]
     summary = index_task(cfg, the_plan, results, index_current)

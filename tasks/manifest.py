@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -136,25 +137,43 @@ def _present(store: StageStore, path: str, wanted: list[str]) -> list[str]:
 def candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None = None,
                waiting: set[str] | None = None) -> tuple[list[tuple[dict, dict]], list[dict], dict]:
     """(manifest row, catalog row) of every track kept by all stages and the filter, in
-    track_id order; the rows left out by the filter; counts of tracks not kept upstream.
-    `overrides` ({track_id: {field: value}}, tasks/overrides.py) replace stage values before
-    the filter looks at them. `waiting`, when given, receives the ids of tracks whose partition
-    lacks a stage output (curate has not reached it under the current stage keys)."""
+    track_id order; the rows left out by the filter; counts of tracks not kept upstream (see
+    `partition_candidates`, which this collects: a full pack orders the whole dataset)."""
+    kept: list[tuple[dict, dict]] = []
+    rejects: list[dict] = []
+    upstream: dict = {}
+    for part_kept, part_rejects in partition_candidates(store, cfg, overrides, waiting, upstream):
+        kept.extend(part_kept)
+        rejects.extend(part_rejects)
+    kept.sort(key=lambda pair: pair[0]["track_id"])
+    return kept, rejects, upstream
+
+
+def partition_candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None = None,
+                         waiting: set[str] | None = None, upstream: dict | None = None,
+                         ) -> Iterator[tuple[list[tuple[dict, dict]], list[dict]]]:
+    """Per catalog partition, in order: the (manifest row, catalog row) of its tracks kept by all
+    stages and the filter, in track_id order, and its rows left out, with reasons. Only one
+    partition's rows are held at a time. `overrides` ({track_id: {field: value}},
+    tasks/overrides.py) replace stage values before the filter looks at them. `waiting`, when
+    given, receives the ids of tracks whose partition lacks a stage output (curate has not
+    reached it under the current stage keys); `upstream`, when given, receives the stage keys
+    and the counts of tracks not kept upstream."""
     overrides = overrides or {}
     order = dag_order(cfg.stages)
     keys = stage_keys(cfg, order)
-    kept: list[tuple[dict, dict]] = []
-    rejects: list[dict] = []
-    upstream = {"catalog_tracks": 0, "not_ok_upstream": 0, "stage_missing": 0}
+    counts = upstream if upstream is not None else {}
+    counts.update(keys=keys, catalog_tracks=0, not_ok_upstream=0, stage_missing=0)
     for p in store.catalog_partitions():
         catalog = store.read_catalog(p).to_pylist()
-        upstream["catalog_tracks"] += len(catalog)
+        counts["catalog_tracks"] += len(catalog)
         rows = {r["track_id"]: r for r in catalog if r["status"] == STATUS_OK}
-        upstream["not_ok_upstream"] += len(catalog) - len(rows)
+        counts["not_ok_upstream"] += len(catalog) - len(rows)
+        rejects: list[dict] = []
         for name in order:
             path = store.stage_path(name, keys[name], p)
             if not store.exists(path):  # curate has not reached this partition yet
-                upstream["stage_missing"] += len(rows)
+                counts["stage_missing"] += len(rows)
                 if waiting is not None:
                     waiting.update(rows)
                 rows = {}
@@ -172,10 +191,11 @@ def candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None
             for tid in list(rows):
                 up = found.get(tid)
                 if up is None or up["status"] != STATUS_OK:
-                    upstream["not_ok_upstream"] += 1
+                    counts["not_ok_upstream"] += 1
                     del rows[tid]
                 else:
                     rows[tid][name] = up
+        kept: list[tuple[dict, dict]] = []
         for track in rows.values():
             row = apply_overrides(manifest_row(track), overrides.get(track["track_id"]))
             reason = filter_reason(row, cfg.pack.filter)
@@ -185,5 +205,5 @@ def candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None
                 rejects.append({"track_id": row["track_id"], "uri": row["uri"], "reason": reason})
             else:
                 kept.append((row, track))
-    kept.sort(key=lambda pair: pair[0]["track_id"])
-    return kept, rejects, {"keys": keys, **upstream}
+        kept.sort(key=lambda pair: pair[0]["track_id"])
+        yield kept, rejects

@@ -36,11 +36,13 @@ import io
 import json
 import logging
 import posixpath
+import re
 import time
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import soundfile as sf
 
 from schemas.common import reason_code
@@ -48,9 +50,10 @@ from schemas.config import Config, ConfigError, section_dump
 from schemas.pack import INDEX_REQUIRED_COLUMNS, MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, SHARD_INDEX_SCHEMA
 from tasks.audio import load_track
 from tasks.ingest import content_hash
-from tasks.manifest import candidates
+from tasks.manifest import candidates, partition_candidates
 from tasks.overrides import load_overrides
-from tasks.pack_append import next_shard_number, plan_increment, previous_rows, sample_digest, with_tombstones
+from tasks.pack_append import (WAITING, IndexLookup, Scan, TrackSet, copy_previous_rows, copy_spool, departed,
+                               live_index, sample_digest, scan, spool_path, updated_index)
 from tasks.shards import TMP_PREFIX, ShardWriter, damaged_shards, ordered_map, rewrite_shard
 from tasks.store import StageStore, StoreError
 
@@ -131,19 +134,17 @@ def audio_format(cfg: Config, dataset: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def fingerprint(cfg: Config, dataset: str, keys: dict[str, str], track_ids: list[str],
-                overrides: str = "") -> str:
+def fingerprint(cfg: Config, dataset: str, keys: dict[str, str], tracks: str, overrides: str = "") -> str:
     """What decides the pack's outcome: the audio format, the pack config (not the thread count
-    or the report switches), the stage keys, the overrides' digest, the tracks. The index on disk
+    or the report switches), the stage keys, the overrides' digest, the tracks (`TrackSet`'s
+    digest: no list of 1.8M ids). The index on disk
     carries it; a pack whose fingerprint matches it has nothing to do."""
     pack_cfg = section_dump(cfg.pack)
     for knob in ("workers", "report", "review_per_label", "enabled"):
         pack_cfg.pop(knob, None)
-    h = hashlib.sha256(json.dumps({"format": audio_format(cfg, dataset), "pack": pack_cfg, "keys": keys,
-                                   "overrides": overrides}, sort_keys=True).encode())
-    for track_id in track_ids:   # streamed: 1.8M ids would make a 100 MB string
-        h.update(track_id.encode() + b"\n")
-    return h.hexdigest()[:16]
+    blob = json.dumps({"format": audio_format(cfg, dataset), "pack": pack_cfg, "keys": keys,
+                       "overrides": overrides, "tracks": tracks}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # -- the whole pack -----------------------------------------------------------------------------
@@ -180,38 +181,65 @@ def _pack(cfg: Config, dataset: str, store: StageStore, expect_fingerprint: str 
              "manifest": store.path("manifest", f"{dataset}.parquet"),
              "rejects": posixpath.join(shard_dir, "rejects.parquet")}
     by_track, overrides_digest = load_overrides(store, dataset)
+    summary = {"dataset": dataset, "work_root": cfg.work_root, "rewritten": [],
+               "overrides": sum(len(f) for f in by_track.values()), "overrides_digest": overrides_digest,
+               "mode": "full", "appended": 0, "tombstoned": 0, "removed_now": 0, "new_shards": []}
+    _remove_temporaries(store, shard_dir)
+    _remove_temporaries(store, store.path("manifest"), dataset)
+    index = None if rebuild else _read_index(store, paths["index"])
+    meta = (index.schema.metadata or {}) if index is not None else {}
+    if index is None or meta.get(b"format", b"").decode() != audio_format(cfg, dataset):
+        return _full(cfg, dataset, store, paths, by_track, expect_fingerprint, summary, started)
+
+    lookup = IndexLookup(index)
+    damaged = damaged_shards(store, shard_dir, lookup.shard_sizes())
+    damaged_rows = lookup.rows_of(set(damaged)) if damaged else []
     waiting: set[str] = set()
-    pairs, rejects, upstream = candidates(store, cfg, by_track, waiting)
-    fp = fingerprint(cfg, dataset, upstream["keys"], [r["track_id"] for r, _ in pairs], overrides_digest)
+    upstream: dict = {}
+    unused = set(by_track)
+    spool = spool_path(store, dataset)
+    try:
+        with store.table_writer(spool, MANIFEST_SCHEMA) as writer:
+            parts = _claiming(partition_candidates(store, cfg, by_track, waiting, upstream), unused)
+            result = scan(parts, lookup, lambda row: sample_digest(metadata_files(row, cfg)), writer,
+                          {r["track_id"] for r in damaged_rows})
+        summary.update(upstream, fingerprint=fingerprint(cfg, dataset, upstream["keys"], result.tracks.hexdigest(),
+                                                         overrides_digest))
+        _before_any_change(dataset, summary["fingerprint"], expect_fingerprint, unused)
+        problem = _rewrite_shards(cfg, store, shard_dir, damaged, damaged_rows, result.wanted)
+        if problem is not None:
+            log.warning("pack %s: %s; packing the whole dataset again", dataset, problem)
+            return _full(cfg, dataset, store, paths, by_track, None, summary, started)
+        summary["rewritten"] = sorted(damaged)
+        if meta.get(b"fingerprint", b"").decode() == summary["fingerprint"] and \
+                _reads(store, paths["manifest"]) and _reads(store, paths["rejects"]):
+            old_rejects = store.read_table(paths["rejects"]).to_pylist()
+            return _finish(summary, "skip", old_rejects, lookup.table, started)
+        return _append(cfg, dataset, store, paths, lookup, result, waiting, spool, summary, started)
+    finally:
+        if store.exists(spool):
+            store.fs.rm(spool)
+
+
+def _claiming(parts, unused: set[str]):
+    """The candidates as they pass, taking each track's id out of `unused` (overrides' tracks)."""
+    for kept, rejects in parts:
+        for row, _ in kept:
+            unused.discard(row["track_id"])
+        for r in rejects:
+            unused.discard(r["track_id"])
+        yield kept, rejects
+
+
+def _before_any_change(dataset: str, fp: str, expect_fingerprint: str | None, unused: set[str]) -> None:
     if expect_fingerprint is not None and fp != expect_fingerprint:
         raise StoreError(f"dataset {dataset} was packed from other inputs than this config and the stage "
                          f"outputs give now (fingerprint {expect_fingerprint}, now {fp}): if stage outputs "
                          "were quarantined run `acepipe run` first; then `acepipe pack --dataset "
                          f"{dataset}` with the config that packed it")
-    unused = set(by_track) - {r["track_id"] for r, _ in pairs} - {r["track_id"] for r in rejects}
     if unused:   # set for a track that no stage kept, or not yet processed: said, not silently dropped
         log.warning("pack %s: overrides of %d track(s) not kept upstream apply to nothing: %s", dataset,
                     len(unused), ", ".join(sorted(unused)[:5]))
-    summary = {"dataset": dataset, "work_root": cfg.work_root, "fingerprint": fp, "rewritten": [],
-               "overrides": sum(len(f) for f in by_track.values()), "overrides_digest": overrides_digest, "mode": "full", "appended": 0,
-               "tombstoned": 0, "removed_now": 0, "new_shards": [], **upstream}
-
-    _remove_temporaries(store, shard_dir)
-    index = None if rebuild else _read_index(store, paths["index"])
-    meta = (index.schema.metadata or {}) if index is not None else {}
-    if index is not None and meta.get(b"format", b"").decode() == audio_format(cfg, dataset):
-        rows = index.to_pylist()
-        damaged = damaged_shards(store, shard_dir, {r["shard"]: r["shard_bytes"] for r in rows})
-        problem = _rewrite_shards(cfg, store, shard_dir, damaged, rows, pairs)
-        if problem is None:
-            summary["rewritten"] = sorted(damaged)
-            if meta.get(b"fingerprint", b"").decode() == fp and _reads(store, paths["manifest"]) and \
-                    _reads(store, paths["rejects"]):
-                old_rejects = store.read_table(paths["rejects"]).to_pylist()
-                return _finish(summary, "skip", old_rejects, rows, started)
-            return _append(cfg, dataset, store, paths, rows, pairs, rejects, waiting, summary, started)
-        log.warning("pack %s: %s; packing the whole dataset again", dataset, problem)
-    return _full(cfg, dataset, store, paths, pairs, rejects, summary, started)
 
 
 def _write_samples(cfg: Config, store: StageStore, shard_dir: str, pairs: list[tuple[dict, dict]],
@@ -236,9 +264,17 @@ def _write_samples(cfg: Config, store: StageStore, shard_dir: str, pairs: list[t
     return packed, index_rows
 
 
-def _full(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], pairs: list[tuple[dict, dict]],
-          rejects: list[dict], summary: dict, started: float) -> dict:
+def _full(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], by_track: dict[str, dict],
+          expect_fingerprint: str | None, summary: dict, started: float) -> dict:
     """Every live track again, in track_id order from shard-000000, no tombstones (compaction)."""
+    pairs, rejects, upstream = candidates(store, cfg, by_track)
+    tracks = TrackSet()
+    for row, _ in pairs:
+        tracks.add(row["track_id"])
+    summary.update(upstream, fingerprint=fingerprint(cfg, dataset, upstream["keys"], tracks.hexdigest(),
+                                                     summary["overrides_digest"]))
+    unused = set(by_track) - {r["track_id"] for r, _ in pairs} - {r["track_id"] for r in rejects}
+    _before_any_change(dataset, summary["fingerprint"], expect_fingerprint, unused)
     # From here on no index, manifest or rejects describes shards that are about to change.
     for path in paths.values():
         if store.exists(path):
@@ -246,59 +282,61 @@ def _full(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], p
     shard_dir = posixpath.dirname(paths["index"])
     packed, index_rows = _write_samples(cfg, store, shard_dir, pairs, rejects, first=0)
     _remove_stale_shards(store, shard_dir, {r["shard"] for r in index_rows})
-    _write_outputs(cfg, dataset, store, paths, packed, rejects, index_rows, summary)
+    store.write_table(paths["manifest"], pa.Table.from_pylist(packed, schema=_manifest_schema(dataset, summary)))
+    index = pa.Table.from_pylist(index_rows, schema=SHARD_INDEX_SCHEMA)
+    _write_rejects_and_index(cfg, dataset, store, paths, rejects, index, summary)
     summary["appended"] = len(packed)
-    return _finish(summary, "full", rejects, index_rows, started)
+    return _finish(summary, "full", rejects, index, started)
 
 
-def _append(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], index_rows: list[dict],
-            pairs: list[tuple[dict, dict]], rejects: list[dict], waiting: set[str], summary: dict,
-            started: float) -> dict:
+def _append(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], lookup: IndexLookup,
+            result: Scan, waiting: set[str], spool: str, summary: dict, started: float) -> dict:
     """New and changed tracks into new shards; departed ones tombstoned; the rest untouched."""
     shard_dir = posixpath.dirname(paths["index"])
     # Shards a killed append left beside the index: not in it, so not in the dataset.
-    _remove_stale_shards(store, shard_dir, {r["shard"] for r in index_rows})
-    digests = [sample_digest(metadata_files(row, cfg)) for row, _ in pairs]
-    inc = plan_increment(pairs, digests, index_rows, rejects, waiting)
-    kept = dict(inc.keep)
-    kept.update(previous_rows(store, paths["manifest"], inc.pending))
-    for track_id in inc.pending:
-        if track_id not in kept:   # no previous row to keep it by: it leaves until curate catches up
-            old = next(r for r in index_rows if r["track_id"] == track_id and r["removed"] is None)
-            inc.tombstones[(old["shard"], track_id)] = ("stage_missing: its partition waits for a stage "
-                                                       "output; run `acepipe run`, then pack again")
-    packed, new_rows = _write_samples(cfg, store, shard_dir, inc.append, rejects,
-                                      first=next_shard_number(index_rows))
+    _remove_stale_shards(store, shard_dir, set(lookup.shard_sizes()))
+    pending = departed(lookup, result, waiting)
+    packed, new_rows = _write_samples(cfg, store, shard_dir, result.append, result.rejects,
+                                      first=lookup.next_shard_number())
+    with store.table_writer(paths["manifest"], _manifest_schema(dataset, summary)) as writer:
+        copy_spool(store, spool, writer)
+        found = copy_previous_rows(store, paths["manifest"], pending, writer)
+        if packed:
+            writer.write_table(pa.Table.from_pylist(packed, schema=MANIFEST_SCHEMA))
+    for pos in np.flatnonzero(lookup.live & ~lookup.seen):   # pending without a previous row: it leaves
+        if int(pos) not in result.tombstones and lookup.value("track_id", pos) not in found:
+            result.tombstones[int(pos)] = WAITING
     appended_to = {r["track_id"]: r["shard"] for r in new_rows}
-    rows = with_tombstones(index_rows, inc.tombstones, appended_to) + new_rows
-    kept.update((r["track_id"], r) for r in packed)
-    manifest = [dict(kept[r["track_id"]], shard=r["shard"]) for r in rows if r["removed"] is None]
-    _write_outputs(cfg, dataset, store, paths, manifest, rejects, rows, summary)
-    summary.update(appended=len(packed), removed_now=len(inc.tombstones),
+    index = updated_index(lookup, result.tombstones, appended_to, new_rows, SHARD_INDEX_SCHEMA)
+    _write_rejects_and_index(cfg, dataset, store, paths, result.rejects, index, summary)
+    summary.update(appended=len(packed), removed_now=len(result.tombstones),
                    new_shards=sorted({r["shard"] for r in new_rows}))
-    return _finish(summary, "append", rejects, rows, started)
+    return _finish(summary, "append", result.rejects, index, started)
 
 
-def _write_outputs(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], manifest_rows: list[dict],
-                   rejects: list[dict], index_rows: list[dict], summary: dict) -> None:
-    """Manifest and rejects, then the index: last, its presence says the rest is complete."""
-    fp, keys = summary["fingerprint"], summary["keys"]
-    manifest = pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
-        {"stage_keys": json.dumps(keys, sort_keys=True), "dataset": dataset, "fingerprint": fp,
-         "overrides": summary["overrides_digest"]})
+def _manifest_schema(dataset: str, summary: dict) -> pa.Schema:
+    return MANIFEST_SCHEMA.with_metadata({"stage_keys": json.dumps(summary["keys"], sort_keys=True),
+                                          "dataset": dataset, "fingerprint": summary["fingerprint"],
+                                          "overrides": summary["overrides_digest"]})
+
+
+def _write_rejects_and_index(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str],
+                             rejects: list[dict], index: pa.Table, summary: dict) -> None:
+    """Rejects, then the index: last, its presence says the shards and manifest are complete."""
     rejects.sort(key=lambda r: r["track_id"])
-    store.write_table(paths["manifest"], manifest)
     store.write_table(paths["rejects"], pa.Table.from_pylist(rejects, schema=PACK_REJECTS_SCHEMA))
-    index = pa.Table.from_pylist(index_rows, schema=SHARD_INDEX_SCHEMA).replace_schema_metadata(
-        {"fingerprint": fp, "dataset": dataset, "format": audio_format(cfg, dataset)})
-    store.write_table(paths["index"], index)
+    store.write_table(paths["index"], index.replace_schema_metadata(
+        {"fingerprint": summary["fingerprint"], "dataset": dataset, "format": audio_format(cfg, dataset)}))
 
 
-def _finish(summary: dict, mode: str, rejects: list[dict], index_rows: list[dict], started: float) -> dict:
-    live = [r for r in index_rows if r.get("removed") is None]
+def _finish(summary: dict, mode: str, rejects: list[dict], index: pa.Table, started: float) -> dict:
+    live = live_index(index)
     return {**summary, "mode": mode, "skipped": mode == "skip" and not summary["rewritten"],
-            "packed": len(live), "shards": len({r["shard"] for r in index_rows}),
-            "tombstoned": len(index_rows) - len(live), **_outcome(rejects, live),
+            "packed": live.num_rows, "shards": len(pc.unique(index["shard"])),
+            "tombstoned": index.num_rows - live.num_rows,
+            "rejected": len(rejects), "reasons": dict(Counter(reason_code(r["reason"]) for r in rejects)),
+            "bytes": int(pc.sum(live["bytes"]).as_py() or 0),
+            "hours": round((pc.sum(live["duration"]).as_py() or 0.0) / 3600, 3),
             "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -320,10 +358,10 @@ def _reads(store: StageStore, path: str) -> bool:
 
 
 def _rewrite_shards(cfg: Config, store: StageStore, shard_dir: str, damaged: dict[str, str],
-                    index_rows: list[dict], pairs: list[tuple[dict, dict]]) -> str | None:
-    """Write each damaged shard again from its own tracks (index order); None when each came out
-    with the size and checksum the index recorded, else why the dataset must be packed again."""
-    by_id = {row["track_id"]: (row, track) for row, track in pairs}
+                    index_rows: list[dict], by_id: dict[str, tuple[dict, dict]]) -> str | None:
+    """Write each damaged shard again from its own tracks (`index_rows`: the index rows of the
+    damaged shards, in index order; `by_id`: their candidates); None when each came out with the
+    size and checksum the index recorded, else why the dataset must be packed again."""
     for shard, why in damaged.items():
         log.warning("pack: %s is damaged (%s); writing it again from its tracks",
                     posixpath.join(shard_dir, shard), why)
@@ -348,17 +386,13 @@ def _rewrite_shards(cfg: Config, store: StageStore, shard_dir: str, damaged: dic
     return None
 
 
-def _outcome(rejects: list[dict], index_rows: list[dict]) -> dict:
-    return {"rejected": len(rejects), "reasons": dict(Counter(reason_code(r["reason"]) for r in rejects)),
-            "bytes": int(sum(r["bytes"] for r in index_rows)),
-            "hours": round(sum(r["duration"] for r in index_rows) / 3600, 3)}
-
-
-def _remove_temporaries(store: StageStore, shard_dir: str) -> None:
-    """Temporaries a killed run left behind (the pack lock keeps live runs out)."""
-    for name in store.listdir(shard_dir):
-        if name.startswith(TMP_PREFIX):
-            store.fs.rm(posixpath.join(shard_dir, name), recursive=True)
+def _remove_temporaries(store: StageStore, directory: str, dataset: str | None = None) -> None:
+    """Temporaries a killed run left behind (the pack lock keeps live runs out): every one in a
+    shard directory; in the shared manifest directory, only this dataset's."""
+    own = re.compile(rf"^\.tmp-(spool-)?[0-9a-f]{{32}}-{re.escape(dataset)}\.parquet$") if dataset else None
+    for name in store.listdir(directory):
+        if name.startswith(TMP_PREFIX) and (own is None or own.match(name)):
+            store.fs.rm(posixpath.join(directory, name), recursive=True)
 
 
 def _remove_stale_shards(store: StageStore, shard_dir: str, keep: set[str]) -> None:

@@ -13,10 +13,13 @@ format, both fixed) and:
   - tombstones the old sample of a changed track, and the sample of a track that left the
     dataset (the filter, a stage that no longer keeps it): its index row stays, with `removed`
     set to why. The manifest, the latents index (and so the trainer) and the exports read live
-    rows only.
+    rows only;
   - leaves a track whose partition waits for a stage output (curate has not reached it under
     the current stage keys) live with its previous manifest row, so a pack between a stage
     version bump and the end of curate does not tombstone the dataset.
+Memory stays flat as the corpus grows: candidates are read one partition at a time, the
+manifest rows of kept samples stream to a spool file, and the index stays an Arrow table looked
+up by position (one dict of track_id -> row, no dict per row).
 A full pack (`acepipe pack --rebuild`, a changed audio format, an index that does not read)
 writes every live track again in track_id order and drops the tombstones: compaction.
 """
@@ -24,17 +27,23 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from schemas.pack import MANIFEST_SCHEMA
 from tasks.store import StageStore
 
 SHARD_NUMBER = re.compile(r"^shard-(\d{6})\.tar$")
 CHANGED = "changed: its metadata changed since it was packed (a stage output or an override); packed again in {}"
 NOT_KEPT = ("not_kept: no longer kept by every stage (rejected or failed upstream, or its catalog row "
             "is gone); see curate's rejects")
+WAITING = "stage_missing: its partition waits for a stage output; run `acepipe run`, then pack again"
 
 
 def sample_digest(files: dict[str, bytes]) -> str:
@@ -52,58 +61,141 @@ def live_index(index: pa.Table) -> pa.Table:
     return index.filter(pc.is_null(index["removed"]))
 
 
-def next_shard_number(index_rows: list[dict]) -> int:
-    numbers = [int(m.group(1)) for r in index_rows if (m := SHARD_NUMBER.match(r["shard"]))]
-    return max(numbers, default=-1) + 1
+class TrackSet:
+    """An order-independent digest of a set of track ids (for the pack's fingerprint) that
+    holds no id: the sum of their blake2b values, and the count."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0, 0
+
+    def add(self, track_id: str) -> None:
+        value = int.from_bytes(hashlib.blake2b(track_id.encode(), digest_size=16).digest(), "big")
+        self.total, self.count = (self.total + value) % 2**128, self.count + 1
+
+    def hexdigest(self) -> str:
+        return f"{self.count}:{self.total:032x}"
+
+
+class IndexLookup:
+    """The index on disk, kept as Arrow columns; live samples are found by track_id."""
+
+    def __init__(self, index: pa.Table):
+        self.table = index.combine_chunks()
+        self.n = self.table.num_rows
+        self.live = pc.is_null(self.table["removed"]).to_numpy(zero_copy_only=False)
+        ids = self.table["track_id"].to_pylist()
+        self.pos = {ids[i]: int(i) for i in np.flatnonzero(self.live)}
+        self.seen = np.zeros(self.n, dtype=bool)
+
+    def value(self, column: str, pos: int):
+        return self.table[column][int(pos)].as_py()
+
+    def shard_sizes(self) -> dict[str, int]:
+        sizes = self.table.group_by("shard").aggregate([("shard_bytes", "max")])
+        return dict(zip(sizes["shard"].to_pylist(), sizes["shard_bytes_max"].to_pylist()))
+
+    def rows_of(self, shards: set[str]) -> list[dict]:
+        """Index rows of these shards, in index order."""
+        mask = pc.is_in(self.table["shard"], value_set=pa.array(sorted(shards), pa.string()))
+        return self.table.filter(mask).to_pylist()
+
+    def next_shard_number(self) -> int:
+        numbers = [int(m.group(1)) for name in self.shard_sizes() if (m := SHARD_NUMBER.match(name))]
+        return max(numbers, default=-1) + 1
 
 
 @dataclass
-class Increment:
-    """What an append pack does: rows kept where they lie, pairs to append, tombstones to add."""
-    keep: dict[str, dict] = field(default_factory=dict)          # track_id -> manifest row (with shard)
+class Scan:
+    """One pass over the candidates, compared with the index."""
+    tracks: TrackSet = field(default_factory=TrackSet)
+    kept: int = 0                                                    # samples kept where they lie
     append: list[tuple[dict, dict]] = field(default_factory=list)   # (manifest row, catalog row)
-    tombstones: dict[tuple[str, str], str] = field(default_factory=dict)   # (shard, track_id) -> why
-    pending: list[str] = field(default_factory=list)              # live tracks that wait for a stage
+    tombstones: dict[int, str] = field(default_factory=dict)        # index position -> why
+    rejects: list[dict] = field(default_factory=list)
+    wanted: dict[str, tuple[dict, dict]] = field(default_factory=dict)   # candidates in damaged shards
 
 
-def plan_increment(pairs: list[tuple[dict, dict]], digests: list[str], index_rows: list[dict],
-                   rejects: list[dict], waiting: set[str]) -> Increment:
-    """Compare the candidates (with their metadata digests) with the index's live rows."""
-    live = {r["track_id"]: r for r in index_rows if r["removed"] is None}
-    inc = Increment()
-    for (row, track), digest in zip(pairs, digests):
-        old = live.pop(row["track_id"], None)
-        if old is not None and old["sample_blake2b"] == digest:
-            inc.keep[row["track_id"]] = dict(row, shard=old["shard"], flac_bytes=old["flac_bytes"])
-            continue
-        if old is not None:
-            inc.tombstones[(old["shard"], old["track_id"])] = CHANGED
-        inc.append.append((row, track))
-    reasons = {r["track_id"]: r["reason"] for r in rejects}
-    for track_id, old in live.items():   # live samples that are no longer candidates
-        if track_id in waiting and track_id not in reasons:
-            inc.pending.append(track_id)
-        else:
-            inc.tombstones[(old["shard"], track_id)] = reasons.get(track_id) or NOT_KEPT
-    return inc
-
-
-def previous_rows(store: StageStore, manifest_path: str, track_ids: list[str]) -> dict[str, dict]:
-    """The previous manifest's rows of these tracks (read by an Arrow filter, not row by row)."""
-    if not track_ids or not store.exists(manifest_path):
-        return {}
-    table = store.read_table(manifest_path)
-    table = table.filter(pc.is_in(table["track_id"], value_set=pa.array(track_ids, pa.string())))
-    return {r["track_id"]: r for r in table.to_pylist()}
-
-
-def with_tombstones(index_rows: list[dict], tombstones: dict[tuple[str, str], str],
-                    appended_to: dict[str, str]) -> list[dict]:
-    """The index's rows with the new tombstones set (a changed track's names its new shard)."""
-    out = []
-    for r in index_rows:
-        why = tombstones.get((r["shard"], r["track_id"])) if r["removed"] is None else None
-        if why is not None:
-            r = dict(r, removed=why.format(appended_to.get(r["track_id"], "a newer shard")))
-        out.append(r)
+def scan(parts: Iterator[tuple[list[tuple[dict, dict]], list[dict]]], lookup: IndexLookup,
+         digest_of: Callable[[dict], str], spool, want: set[str]) -> Scan:
+    """Walk the candidates a partition at a time: a sample whose metadata digest matches the
+    index's live row is kept (its manifest row goes to `spool`, a Parquet writer), any other
+    candidate is to append (its old sample, if live, is tombstoned as changed). Candidates whose
+    track is in `want` are kept aside (a damaged shard is rewritten from them)."""
+    out = Scan()
+    for kept, rejects in parts:
+        out.rejects.extend(rejects)
+        rows = []
+        for row, track in kept:
+            track_id = row["track_id"]
+            out.tracks.add(track_id)
+            if track_id in want:
+                out.wanted[track_id] = (row, track)
+            pos = lookup.pos.get(track_id)
+            if pos is not None:
+                lookup.seen[pos] = True
+                if lookup.value("sample_blake2b", pos) == digest_of(row):
+                    rows.append(dict(row, shard=lookup.value("shard", pos),
+                                     flac_bytes=lookup.value("flac_bytes", pos)))
+                    continue
+                out.tombstones[pos] = CHANGED
+            out.append.append((row, track))
+        if rows:
+            spool.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+            out.kept += len(rows)
+    out.append.sort(key=lambda pair: pair[0]["track_id"])
     return out
+
+
+def departed(lookup: IndexLookup, result: Scan, waiting: set[str]) -> list[str]:
+    """Tombstone the live samples no candidate claimed (why: their reject reason, else not kept);
+    returns the ids of those that only wait for a stage output (they stay live, pending)."""
+    reasons = {r["track_id"]: r["reason"] for r in result.rejects}
+    pending = []
+    for pos in np.flatnonzero(lookup.live & ~lookup.seen):
+        track_id = lookup.value("track_id", pos)
+        if track_id in waiting and track_id not in reasons:
+            pending.append(track_id)
+        else:
+            result.tombstones[int(pos)] = reasons.get(track_id) or NOT_KEPT
+    return pending
+
+
+def copy_previous_rows(store: StageStore, manifest_path: str, track_ids: list[str], writer) -> set[str]:
+    """Stream the previous manifest's rows of these tracks into `writer`; returns the ids found."""
+    if not track_ids or not store.exists(manifest_path):
+        return set()
+    wanted = pa.array(track_ids, pa.string())
+    found: set[str] = set()
+    with store.fs.open(manifest_path, "rb") as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096):
+            table = pa.Table.from_batches([batch])
+            table = table.filter(pc.is_in(table["track_id"], value_set=wanted))
+            if table.num_rows:
+                writer.write_table(table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA))
+                found.update(table["track_id"].to_pylist())
+    return found
+
+
+def copy_spool(store: StageStore, spool_path: str, writer) -> None:
+    with store.fs.open(spool_path, "rb") as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096):
+            writer.write_table(pa.Table.from_batches([batch]))
+
+
+def spool_path(store: StageStore, dataset: str) -> str:
+    return store.path("manifest", f".tmp-spool-{uuid.uuid4().hex}-{dataset}.parquet")
+
+
+def updated_index(lookup: IndexLookup, tombstones: dict[int, str], appended_to: dict[str, str],
+                  new_rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """The index with the new tombstones set (a changed track's names its new shard) and the
+    appended samples' rows after it."""
+    removed = lookup.table["removed"].to_pylist()
+    for pos, why in tombstones.items():
+        track_id = lookup.value("track_id", pos)
+        removed[pos] = why.format(appended_to.get(track_id, "a newer shard"))
+    old = lookup.table.set_column(lookup.table.schema.get_field_index("removed"), "removed",
+                                  pa.array(removed, pa.string()))
+    return pa.concat_tables([old.select(schema.names).cast(schema),
+                             pa.Table.from_pylist(new_rows, schema=schema)])
+

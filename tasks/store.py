@@ -100,6 +100,23 @@ class StageStore:
         pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
         self.write_bytes(path, buf.getvalue())
 
+    @contextlib.contextmanager
+    def table_writer(self, path: str, schema: pa.Schema):
+        """A Parquet writer for a table too big to hold in memory (`write_table` takes whole
+        tables): row groups stream to a temporary sibling, renamed to `path` when the block
+        ends without an error; on an error the temporary is removed."""
+        parent = posixpath.dirname(path)
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        try:
+            with self.fs.open(tmp, "wb") as fh:
+                with pq.ParquetWriter(fh, schema, compression="zstd", write_page_checksum=True) as writer:
+                    yield writer
+            self.fs.mv(tmp, path)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(path, "rb") as fh:
             return pq.read_table(fh, columns=columns, page_checksum_verification=True)

@@ -620,6 +620,13 @@ def test_cli_packs_and_refuses_an_empty_work_root(prefect_harness, work, tmp_pat
     out = capsys.readouterr().out
     assert f"{work.summary['packed']} tracks" in out and "shards/from_cli" in out
     assert_consistent(work.store, "from_cli")
+    shard_dir = Path(work.store.path("shards", "from_cli"))
+    before = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.tar")}
+    assert main(args + ["--rebuild"]) == 0   # every shard written again, to the same bytes
+    assert "(unchanged, skipped)" not in capsys.readouterr().out
+    after = {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("shard-*.tar")}
+    assert after.keys() == before.keys() and all(after[n] != before[n] for n in after)
+    assert_consistent(work.store, "from_cli")
     assert main(["pack", "--config", "tiny", "--work", str(tmp_path / "empty")]) == 2
     assert "no catalog" in capsys.readouterr().err
     assert main(args[:-2] + ["--dataset", "../escape"] + args[-2:]) == 2
