@@ -12,7 +12,7 @@ process, on a temporary Prefect home and the tiny profile with the probe stage o
 and prints, per phase and flow: wall seconds, the Prefect task runs it created, the peak RSS
 (sampled every 20 ms), and for the increment the bytes it wrote under shards/ and latents/
 (new or changed files, the index/manifest tables apart), each as a share of the full run's,
-plus the figures per track. Asserts nothing.
+plus the figures per track. With `--profile N`, the empty night's flows are profiled. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -100,11 +100,22 @@ def task_runs(flow_run_id) -> int:
                 return count
 
 
-def run_flow(fn, params) -> dict:
+def run_flow(fn, params, profile: int = 0) -> dict:
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile() if profile else None
     with PeakRSS() as rss:
         t0 = time.perf_counter()
+        if profiler:
+            profiler.enable()
         state = fn(params, return_state=True)
+        if profiler:
+            profiler.disable()
         wall = time.perf_counter() - t0
+    if profiler:
+        print(f"--- {fn.name}: the {profile} calls with the most cumulative time")
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(profile)
     result = state.result()
     return {"seconds": wall, "task_runs": task_runs(state.state_details.flow_run_id), "rss": rss.peak,
             "result": result}
@@ -128,7 +139,7 @@ def direct_curate(cfg, sources: list[str]) -> float:
 
 
 def run(top: Path, tracks: int, new_percent: float, partition_size: int, shard_mb: int, tiny_dir: Path,
-        repa: bool) -> None:
+        repa: bool, profile: int = 0) -> None:
     from flows.curate import curate
     from flows.latents import latents
     from flows.pack import pack
@@ -161,11 +172,11 @@ def run(top: Path, tracks: int, new_percent: float, partition_size: int, shard_m
     work = top / "work"
     phases: dict[str, dict[str, dict]] = {}
 
-    def night(name: str) -> None:
+    def night(name: str, profile: int = 0) -> None:
         before = {d: files_state(work / d) if (work / d).exists() else {} for d in ("shards", "latents", "manifest")}
-        phases[name] = {"curate": run_flow(curate, params(work)),
-                        "pack": run_flow(pack, params(work, PackParams)),
-                        "latents": run_flow(latents, params(work, DatasetParams))}
+        phases[name] = {"curate": run_flow(curate, params(work), profile),
+                        "pack": run_flow(pack, params(work, PackParams), profile),
+                        "latents": run_flow(latents, params(work, DatasetParams), profile)}
         after = {d: files_state(work / d) for d in ("shards", "latents", "manifest")}
         phases[name]["bytes"] = {kind: sum(written(before[d], after[d], kind == "tables") for d in after)
                                  for kind in ("data", "tables")}
@@ -175,7 +186,7 @@ def run(top: Path, tracks: int, new_percent: float, partition_size: int, shard_m
     direct = direct_curate(cfg, [str(src)])
     write_songs(src, tracks, new)
     night("increment")
-    night("empty")
+    night("empty", profile)
 
     full = phases["full"]
     print(f"\n{tracks} tracks (+{new} = {new_percent}%), partitions of {partition_size}, shards of {shard_mb} MB, "
@@ -209,7 +220,7 @@ def main(args) -> int:
     os.environ["PREFECT_HOME"] = str(top / "prefect-home")
     try:
         run(top, args.tracks, args.new_percent, args.partition_size, args.shard_mb, Path(args.tiny_dir).absolute(),
-            args.repa)
+            args.repa, args.profile)
     finally:
         shutil.rmtree(top, ignore_errors=True)
     return 0

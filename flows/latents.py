@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.utilities.annotations import quote
 
 from flows.params import DatasetParams
 from flows.runners import ensure_gpu_limit, gpu_tag, retry_only_transient, task_runner_for
@@ -88,7 +89,8 @@ def latents(params: DatasetParams = DatasetParams()) -> dict:
                                                           [s["shard"] for s in todo]) if todo else []
     by_shard = {**{k: v for k, v in done.items() if v is not None}, **{r["shard"]: r for r in ran}}
     results = [by_shard[s["shard"]] for s in the_plan["shards"]]
-    summary = index_task(cfg, the_plan, results, index_current)
+    # quote: Prefect would walk every track of the plan looking for futures (7 of 8 s at 20k tracks)
+    summary = index_task(cfg, quote(the_plan), results, index_current)
     create_markdown_artifact(summary_markdown(summary),
                              key=f"latents-{params.dataset}".replace("_", "-").lower(),
                              description=f"latents {params.dataset}: {summary['tracks']} tracks")

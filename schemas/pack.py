@@ -130,4 +130,5 @@ PACK_REJECTS_SCHEMA = pa.schema([
     pa.field("track_id", pa.string(), nullable=False),
     pa.field("uri", pa.string()),
     pa.field("reason", pa.string()),
+    pa.field("partition", pa.int32()),     # the track's catalog partition (a pack carries unchanged ones)
 ])

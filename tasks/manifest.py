@@ -4,9 +4,11 @@ they correct, and the pack filter that decides which kept tracks enter the datas
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import posixpath
-from typing import Iterator
+from typing import Container, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -134,11 +136,25 @@ def _present(store: StageStore, path: str, wanted: list[str]) -> list[str]:
     return [c for c in wanted if c in names]
 
 
+def input_stamps(store: StageStore, cfg: Config) -> dict[int, str]:
+    """Per catalog partition, a digest of the files its candidates derive from: its catalog file
+    and its output of each configured stage under the current keys (sizes and modification
+    times, one listing per directory). Equal stamps, config and overrides: equal candidates."""
+    order = dag_order(cfg.stages)
+    keys = stage_keys(cfg, order)
+    listings = [store.partition_stamps(store.path("catalog"))]
+    listings += [store.partition_stamps(posixpath.dirname(store.stage_path(n, keys[n], 0))) for n in order]
+    return {p: hashlib.blake2b(json.dumps([listing.get(p) for listing in listings]).encode(),
+                               digest_size=12).hexdigest() for p in sorted(listings[0])}
+
+
 def candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None = None,
-               waiting: set[str] | None = None) -> tuple[list[tuple[dict, dict]], list[dict], dict]:
+               waiting: set[str] | None = None, per_partition: dict | None = None,
+               ) -> tuple[list[tuple[dict, dict]], list[dict], dict]:
     """(manifest row, catalog row) of every track kept by all stages and the filter, in
     track_id order; the rows left out by the filter; counts of tracks not kept upstream (see
-    `partition_candidates`, which this collects: a full pack orders the whole dataset)."""
+    `partition_candidates`, which this collects: a full pack orders the whole dataset);
+    `per_partition`, when given, receives those counts per partition."""
     kept: list[tuple[dict, dict]] = []
     rejects: list[dict] = []
     upstream: dict = {}
@@ -146,11 +162,15 @@ def candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None
         kept.extend(part_kept)
         rejects.extend(part_rejects)
     kept.sort(key=lambda pair: pair[0]["track_id"])
+    counts = upstream.pop("per_partition")
+    if per_partition is not None:
+        per_partition.update(counts)
     return kept, rejects, upstream
 
 
 def partition_candidates(store: StageStore, cfg: Config, overrides: dict[str, dict] | None = None,
                          waiting: set[str] | None = None, upstream: dict | None = None,
+                         skip: Container[int] = (),
                          ) -> Iterator[tuple[list[tuple[dict, dict]], list[dict]]]:
     """Per catalog partition, in order: the (manifest row, catalog row) of its tracks kept by all
     stages and the filter, in track_id order, and its rows left out, with reasons. Only one
@@ -158,52 +178,68 @@ def partition_candidates(store: StageStore, cfg: Config, overrides: dict[str, di
     tasks/overrides.py) replace stage values before the filter looks at them. `waiting`, when
     given, receives the ids of tracks whose partition lacks a stage output (curate has not
     reached it under the current stage keys); `upstream`, when given, receives the stage keys
-    and the counts of tracks not kept upstream."""
+    and the counts of tracks not kept upstream, also per partition (`per_partition`). Partitions
+    in `skip` are not read (pack carries their previous rows)."""
     overrides = overrides or {}
     order = dag_order(cfg.stages)
     keys = stage_keys(cfg, order)
     counts = upstream if upstream is not None else {}
-    counts.update(keys=keys, catalog_tracks=0, not_ok_upstream=0, stage_missing=0)
+    counts.update(keys=keys, catalog_tracks=0, not_ok_upstream=0, stage_missing=0, per_partition={})
     for p in store.catalog_partitions():
-        catalog = store.read_catalog(p).to_pylist()
-        counts["catalog_tracks"] += len(catalog)
-        rows = {r["track_id"]: r for r in catalog if r["status"] == STATUS_OK}
-        counts["not_ok_upstream"] += len(catalog) - len(rows)
-        rejects: list[dict] = []
-        for name in order:
-            path = store.stage_path(name, keys[name], p)
-            if not store.exists(path):  # curate has not reached this partition yet
-                counts["stage_missing"] += len(rows)
-                if waiting is not None:
-                    waiting.update(rows)
-                rows = {}
-                break
-            columns = _present(store, path, ["track_id", "status", *STAGE_COLUMNS.get(name, [])])
-            table = store.read_table_or_quarantine(path, columns=columns)
-            if table is None:   # quarantined: its tracks lack this stage's columns until curate reruns
-                reason = (f"stage_unreadable: {posixpath.relpath(path, store.root)} did not read and was "
-                          "moved to quarantine/; run `acepipe run` (curate recomputes it), then pack again")
-                rejects.extend({"track_id": t["track_id"], "uri": t["uri"], "reason": reason}
-                               for t in rows.values())
-                rows = {}
-                break
-            found = {r["track_id"]: r for r in table.to_pylist()}
-            for tid in list(rows):
-                up = found.get(tid)
-                if up is None or up["status"] != STATUS_OK:
-                    counts["not_ok_upstream"] += 1
-                    del rows[tid]
-                else:
-                    rows[tid][name] = up
-        kept: list[tuple[dict, dict]] = []
-        for track in rows.values():
-            row = apply_overrides(manifest_row(track), overrides.get(track["track_id"]))
-            reason = filter_reason(row, cfg.pack.filter)
-            if reason is None and not track.get("uri_raw"):
-                reason = "missing_field: uri_raw is null (the catalog row has no path to open)"
-            if reason:
-                rejects.append({"track_id": row["track_id"], "uri": row["uri"], "reason": reason})
+        if p in skip:
+            continue
+        before = {k: counts[k] for k in COUNTS}
+        yield _partition(store, cfg, order, keys, p, overrides, waiting, counts)
+        counts["per_partition"][p] = [counts[k] - before[k] for k in COUNTS]
+
+
+COUNTS = ("catalog_tracks", "not_ok_upstream", "stage_missing")
+
+
+def _partition(store: StageStore, cfg: Config, order: list[str], keys: dict[str, str], p: int,
+               overrides: dict[str, dict], waiting: set[str] | None, counts: dict,
+               ) -> tuple[list[tuple[dict, dict]], list[dict]]:
+    """One partition's kept candidates (track_id order) and rejects; counts what it leaves out."""
+    catalog = store.read_catalog(p).to_pylist()
+    counts["catalog_tracks"] += len(catalog)
+    rows = {r["track_id"]: r for r in catalog if r["status"] == STATUS_OK}
+    counts["not_ok_upstream"] += len(catalog) - len(rows)
+    rejects: list[dict] = []
+    for name in order:
+        path = store.stage_path(name, keys[name], p)
+        if not store.exists(path):  # curate has not reached this partition yet
+            counts["stage_missing"] += len(rows)
+            if waiting is not None:
+                waiting.update(rows)
+            rows = {}
+            break
+        columns = _present(store, path, ["track_id", "status", *STAGE_COLUMNS.get(name, [])])
+        table = store.read_table_or_quarantine(path, columns=columns)
+        if table is None:   # quarantined: its tracks lack this stage's columns until curate reruns
+            reason = (f"stage_unreadable: {posixpath.relpath(path, store.root)} did not read and was "
+                      "moved to quarantine/; run `acepipe run` (curate recomputes it), then pack again")
+            rejects.extend({"track_id": t["track_id"], "uri": t["uri"], "reason": reason, "partition": p}
+                           for t in rows.values())
+            rows = {}
+            break
+        found = {r["track_id"]: r for r in table.to_pylist()}
+        for tid in list(rows):
+            up = found.get(tid)
+            if up is None or up["status"] != STATUS_OK:
+                counts["not_ok_upstream"] += 1
+                del rows[tid]
             else:
-                kept.append((row, track))
-        kept.sort(key=lambda pair: pair[0]["track_id"])
-        yield kept, rejects
+                rows[tid][name] = up
+    kept: list[tuple[dict, dict]] = []
+    for track in rows.values():
+        row = apply_overrides(manifest_row(track), overrides.get(track["track_id"]))
+        reason = filter_reason(row, cfg.pack.filter)
+        if reason is None and not track.get("uri_raw"):
+            reason = "missing_field: uri_raw is null (the catalog row has no path to open)"
+        if reason:
+            rejects.append({"track_id": row["track_id"], "uri": row["uri"], "reason": reason,
+                            "partition": p})
+        else:
+            kept.append((row, track))
+    kept.sort(key=lambda pair: pair[0]["track_id"])
+    return kept, rejects

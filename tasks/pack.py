@@ -43,6 +43,7 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import soundfile as sf
 
 from schemas.common import reason_code
@@ -50,10 +51,11 @@ from schemas.config import Config, ConfigError, section_dump
 from schemas.pack import INDEX_REQUIRED_COLUMNS, MANIFEST_SCHEMA, PACK_REJECTS_SCHEMA, SHARD_INDEX_SCHEMA
 from tasks.audio import load_track
 from tasks.ingest import content_hash
-from tasks.manifest import candidates, partition_candidates
+from tasks.manifest import COUNTS, candidates, input_stamps, partition_candidates
 from tasks.overrides import load_overrides
-from tasks.pack_append import (WAITING, IndexLookup, Scan, TrackSet, copy_previous_rows, copy_spool, departed,
-                               live_index, sample_digest, scan, spool_path, updated_index)
+from tasks.pack_append import (WAITING, IndexLookup, Scan, TrackSet, carry_partitions, copy_previous_rows, copy_spool,
+                               departed, live_index, sample_digest, scan, spool_path, updated_index)
+from tasks.stage import dag_order, stage_keys
 from tasks.shards import TMP_PREFIX, ShardWriter, damaged_shards, ordered_map, rewrite_shard
 from tasks.store import StageStore, StoreError
 
@@ -136,9 +138,10 @@ def audio_format(cfg: Config, dataset: str) -> str:
 
 def fingerprint(cfg: Config, dataset: str, keys: dict[str, str], tracks: str, overrides: str = "") -> str:
     """What decides the pack's outcome: the audio format, the pack config (not the thread count
-    or the report switches), the stage keys, the overrides' digest, the tracks (`TrackSet`'s
-    digest: no list of 1.8M ids). The index on disk
-    carries it; a pack whose fingerprint matches it has nothing to do."""
+    or the report switches), the stage keys, the overrides' digest, the tracks (a `TrackSet`
+    digest of their ids, no list of 1.8M ids). The index on disk carries it. With no `tracks`,
+    the fingerprint of the config alone: with the stamps of the catalog and stage files (one
+    listing per directory, `input_stamps`), it tells which partitions a pack need not read."""
     pack_cfg = section_dump(cfg.pack)
     for knob in ("workers", "report", "review_per_label", "enabled"):
         pack_cfg.pop(knob, None)
@@ -181,18 +184,34 @@ def _pack(cfg: Config, dataset: str, store: StageStore, expect_fingerprint: str 
              "manifest": store.path("manifest", f"{dataset}.parquet"),
              "rejects": posixpath.join(shard_dir, "rejects.parquet")}
     by_track, overrides_digest = load_overrides(store, dataset)
+    keys = stage_keys(cfg, dag_order(cfg.stages))
+    stamps = input_stamps(store, cfg)
     summary = {"dataset": dataset, "work_root": cfg.work_root, "rewritten": [],
                "overrides": sum(len(f) for f in by_track.values()), "overrides_digest": overrides_digest,
-               "mode": "full", "appended": 0, "tombstoned": 0, "removed_now": 0, "new_shards": []}
+               "mode": "full", "appended": 0, "tombstoned": 0, "removed_now": 0, "new_shards": [], "keys": keys,
+               "stamps": stamps, "carried_partitions": 0,
+               "config_fingerprint": fingerprint(cfg, dataset, keys, "", overrides_digest)}
     _remove_temporaries(store, shard_dir)
     _remove_temporaries(store, store.path("manifest"), dataset)
     index = None if rebuild else _read_index(store, paths["index"])
-    meta = (index.schema.metadata or {}) if index is not None else {}
-    if index is None or meta.get(b"format", b"").decode() != audio_format(cfg, dataset):
+    meta = {k.decode(): v.decode() for k, v in (index.schema.metadata or {}).items()} if index is not None else {}
+    if index is None or meta.get("format") != audio_format(cfg, dataset):
         return _full(cfg, dataset, store, paths, by_track, expect_fingerprint, summary, started)
 
     lookup = IndexLookup(index)
     damaged = damaged_shards(store, shard_dir, lookup.shard_sizes())
+    complete = meta.get("fingerprint") == _fingerprint_of(store, paths["manifest"]) and \
+        _has_partitions(store, paths["rejects"])
+    same_config = complete and meta.get("config_fingerprint") == summary["config_fingerprint"]
+    previous = json.loads(meta.get("inputs", "{}")) if same_config else {}
+    if not damaged and same_config and meta.get("stamps") == _stamps_digest(stamps):   # nothing changed
+        summary.update(fingerprint=meta["fingerprint"], inputs={int(p): c[1:] for p, c in previous.items()})
+        _before_any_change(dataset, meta["fingerprint"], expect_fingerprint, set())
+        summary.update(_counts(summary["inputs"]))
+        return _finish(summary, "skip", store.read_table(paths["rejects"]).to_pylist(), lookup.table, started)
+
+    # Partitions whose inputs are as the last pack saw them carry their rows over unread.
+    carry = {p for p, stamp in stamps.items() if not damaged and previous.get(str(p), [None])[0] == stamp}
     damaged_rows = lookup.rows_of(set(damaged)) if damaged else []
     waiting: set[str] = set()
     upstream: dict = {}
@@ -200,25 +219,63 @@ def _pack(cfg: Config, dataset: str, store: StageStore, expect_fingerprint: str 
     spool = spool_path(store, dataset)
     try:
         with store.table_writer(spool, MANIFEST_SCHEMA) as writer:
-            parts = _claiming(partition_candidates(store, cfg, by_track, waiting, upstream), unused)
+            carried = carry_partitions(store, paths, carry, writer, lookup)
+            parts = _claiming(partition_candidates(store, cfg, by_track, waiting, upstream, carry), unused)
             result = scan(parts, lookup, lambda row: sample_digest(metadata_files(row, cfg)), writer,
                           {r["track_id"] for r in damaged_rows})
-        summary.update(upstream, fingerprint=fingerprint(cfg, dataset, upstream["keys"], result.tracks.hexdigest(),
-                                                         overrides_digest))
-        _before_any_change(dataset, summary["fingerprint"], expect_fingerprint, unused)
+        result.rejects.extend(carried)
+        inputs = {p: previous[str(p)][1:] for p in carry}
+        inputs.update({p: [*c, *result.tracks.get(p, TrackSet()).state()]
+                       for p, c in upstream.pop("per_partition").items()})
+        summary.update(upstream, inputs=inputs, carried_partitions=len(carry), **_counts(inputs),
+                       fingerprint=_content_fingerprint(cfg, dataset, keys, inputs, overrides_digest))
+        _before_any_change(dataset, summary["fingerprint"], expect_fingerprint, set() if carry else unused)
         problem = _rewrite_shards(cfg, store, shard_dir, damaged, damaged_rows, result.wanted)
         if problem is not None:
             log.warning("pack %s: %s; packing the whole dataset again", dataset, problem)
             return _full(cfg, dataset, store, paths, by_track, None, summary, started)
         summary["rewritten"] = sorted(damaged)
-        if meta.get(b"fingerprint", b"").decode() == summary["fingerprint"] and \
-                _reads(store, paths["manifest"]) and _reads(store, paths["rejects"]):
-            old_rejects = store.read_table(paths["rejects"]).to_pylist()
-            return _finish(summary, "skip", old_rejects, lookup.table, started)
+        if meta.get("fingerprint") == summary["fingerprint"] and complete:
+            if meta.get("stamps") != _stamps_digest(stamps):   # inputs rewritten with the same content
+                _write_index(cfg, dataset, store, paths, lookup.table, summary)
+            return _finish(summary, "skip", store.read_table(paths["rejects"]).to_pylist(), lookup.table, started)
         return _append(cfg, dataset, store, paths, lookup, result, waiting, spool, summary, started)
     finally:
         if store.exists(spool):
             store.fs.rm(spool)
+
+
+def _stamps_digest(stamps: dict[int, str]) -> str:
+    return hashlib.sha256(json.dumps({str(p): s for p, s in stamps.items()}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _content_fingerprint(cfg: Config, dataset: str, keys: dict[str, str], inputs: dict[int, list],
+                         overrides_digest: str) -> str:
+    """The fingerprint over the candidates' ids, from the per-partition TrackSet states in `inputs`."""
+    tracks = TrackSet()
+    for counts in inputs.values():
+        tracks.merge(TrackSet(counts[len(COUNTS):]))
+    return fingerprint(cfg, dataset, keys, json.dumps(tracks.state()), overrides_digest)
+
+
+def _fingerprint_of(store: StageStore, path: str) -> str | None:
+    """The fingerprint a table's footer carries (the run that wrote it), or None."""
+    if not _reads(store, path):
+        return None
+    return ((store.read_table(path, columns=[]).schema.metadata or {}).get(b"fingerprint") or b"").decode() or None
+
+
+def _has_partitions(store: StageStore, path: str) -> bool:
+    """The rejects table reads and says each track's partition (an older pack's does not)."""
+    if not _reads(store, path):
+        return False
+    with store.fs.open(path, "rb") as fh:
+        return "partition" in pq.read_schema(fh).names
+
+
+def _counts(inputs: dict[int, list]) -> dict:
+    """The summary's upstream counts, summed over the partitions' (`inputs`: counts first)."""
+    return {k: sum(c[i] for c in inputs.values()) for i, k in enumerate(COUNTS)}
 
 
 def _claiming(parts, unused: set[str]):
@@ -251,7 +308,8 @@ def _write_samples(cfg: Config, store: StageStore, shard_dir: str, pairs: list[t
     with ShardWriter(store, shard_dir, cfg.pack.shard_bytes, first=first) as writer:
         for row, files, reason in ordered_map(lambda p: encode_sample(p, cfg), pairs, cfg.pack.workers):
             if reason:
-                rejects.append({"track_id": row["track_id"], "uri": row["uri"], "reason": reason})
+                rejects.append({"track_id": row["track_id"], "uri": row["uri"], "reason": reason,
+                                "partition": row.get("partition")})
                 continue
             shard = writer.add(row["track_id"], files)
             packed.append(dict(row, shard=shard, flac_bytes=len(files["flac"])))
@@ -267,12 +325,14 @@ def _write_samples(cfg: Config, store: StageStore, shard_dir: str, pairs: list[t
 def _full(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], by_track: dict[str, dict],
           expect_fingerprint: str | None, summary: dict, started: float) -> dict:
     """Every live track again, in track_id order from shard-000000, no tombstones (compaction)."""
-    pairs, rejects, upstream = candidates(store, cfg, by_track)
-    tracks = TrackSet()
+    per_partition: dict = {}
+    pairs, rejects, upstream = candidates(store, cfg, by_track, per_partition=per_partition)
+    tracks: dict[int, TrackSet] = {}
     for row, _ in pairs:
-        tracks.add(row["track_id"])
-    summary.update(upstream, fingerprint=fingerprint(cfg, dataset, upstream["keys"], tracks.hexdigest(),
-                                                     summary["overrides_digest"]))
+        tracks.setdefault(row["partition"], TrackSet()).add(row["track_id"])
+    inputs = {p: [*c, *tracks.get(p, TrackSet()).state()] for p, c in per_partition.items()}
+    summary.update(upstream, inputs=inputs, carried_partitions=0,
+                   fingerprint=_content_fingerprint(cfg, dataset, upstream["keys"], inputs, summary["overrides_digest"]))
     unused = set(by_track) - {r["track_id"] for r, _ in pairs} - {r["track_id"] for r in rejects}
     _before_any_change(dataset, summary["fingerprint"], expect_fingerprint, unused)
     # From here on no index, manifest or rejects describes shards that are about to change.
@@ -325,12 +385,24 @@ def _write_rejects_and_index(cfg: Config, dataset: str, store: StageStore, paths
     """Rejects, then the index: last, its presence says the shards and manifest are complete."""
     rejects.sort(key=lambda r: r["track_id"])
     store.write_table(paths["rejects"], pa.Table.from_pylist(rejects, schema=PACK_REJECTS_SCHEMA))
+    _write_index(cfg, dataset, store, paths, index, summary)
+
+
+def _write_index(cfg: Config, dataset: str, store: StageStore, paths: dict[str, str], index: pa.Table,
+                 summary: dict) -> None:
+    """The index with what the next pack compares: fingerprints, the stamps of the inputs, and per
+    partition [stamp, upstream counts, TrackSet state]."""
+    stamps = summary["stamps"]
+    inputs = {str(p): [stamps.get(p), *c] for p, c in summary["inputs"].items()}
     store.write_table(paths["index"], index.replace_schema_metadata(
-        {"fingerprint": summary["fingerprint"], "dataset": dataset, "format": audio_format(cfg, dataset)}))
+        {"fingerprint": summary["fingerprint"], "config_fingerprint": summary["config_fingerprint"],
+         "stamps": _stamps_digest(stamps), "dataset": dataset, "format": audio_format(cfg, dataset),
+         "inputs": json.dumps(inputs, sort_keys=True)}))
 
 
 def _finish(summary: dict, mode: str, rejects: list[dict], index: pa.Table, started: float) -> dict:
     live = live_index(index)
+    summary = {k: v for k, v in summary.items() if k not in ("stamps", "inputs")}   # per partition: for the index
     return {**summary, "mode": mode, "skipped": mode == "skip" and not summary["rewritten"],
             "packed": live.num_rows, "shards": len(pc.unique(index["shard"])),
             "tombstoned": index.num_rows - live.num_rows,

@@ -17,9 +17,12 @@ format, both fixed) and:
   - leaves a track whose partition waits for a stage output (curate has not reached it under
     the current stage keys) live with its previous manifest row, so a pack between a stage
     version bump and the end of curate does not tombstone the dataset.
-Memory stays flat as the corpus grows: candidates are read one partition at a time, the
-manifest rows of kept samples stream to a spool file, and the index stays an Arrow table looked
-up by position (one dict of track_id -> row, no dict per row).
+Work and memory follow what changed: a partition whose catalog and stage files (their sizes and
+times, one listing per directory) are as the last pack saw them, under the same config and
+overrides, is not read: its previous manifest rows and rejects are carried over (an empty night
+only lists). Other partitions are read one at a time, the manifest rows of kept samples stream
+to a spool file, and the index stays an Arrow table looked up by position (one dict of
+track_id -> row, no dict per row).
 A full pack (`acepipe pack --rebuild`, a changed audio format, an index that does not read)
 writes every live track again in track_id order and drops the tombstones: compaction.
 """
@@ -62,18 +65,21 @@ def live_index(index: pa.Table) -> pa.Table:
 
 
 class TrackSet:
-    """An order-independent digest of a set of track ids (for the pack's fingerprint) that
-    holds no id: the sum of their blake2b values, and the count."""
+    """An order-independent digest of a set of track ids that holds no id: the sum of their
+    blake2b values and the count. Partial sets (one per partition) add up to the whole."""
 
-    def __init__(self) -> None:
-        self.total, self.count = 0, 0
+    def __init__(self, state: list | None = None) -> None:
+        self.total, self.count = (int(state[0], 16), int(state[1])) if state else (0, 0)
 
     def add(self, track_id: str) -> None:
         value = int.from_bytes(hashlib.blake2b(track_id.encode(), digest_size=16).digest(), "big")
         self.total, self.count = (self.total + value) % 2**128, self.count + 1
 
-    def hexdigest(self) -> str:
-        return f"{self.count}:{self.total:032x}"
+    def merge(self, other: "TrackSet") -> None:
+        self.total, self.count = (self.total + other.total) % 2**128, self.count + other.count
+
+    def state(self) -> list:
+        return [f"{self.total:032x}", self.count]
 
 
 class IndexLookup:
@@ -107,7 +113,7 @@ class IndexLookup:
 @dataclass
 class Scan:
     """One pass over the candidates, compared with the index."""
-    tracks: TrackSet = field(default_factory=TrackSet)
+    tracks: dict[int, TrackSet] = field(default_factory=dict)       # candidates' ids, per partition
     kept: int = 0                                                    # samples kept where they lie
     append: list[tuple[dict, dict]] = field(default_factory=list)   # (manifest row, catalog row)
     tombstones: dict[int, str] = field(default_factory=dict)        # index position -> why
@@ -127,7 +133,7 @@ def scan(parts: Iterator[tuple[list[tuple[dict, dict]], list[dict]]], lookup: In
         rows = []
         for row, track in kept:
             track_id = row["track_id"]
-            out.tracks.add(track_id)
+            out.tracks.setdefault(row["partition"], TrackSet()).add(track_id)
             if track_id in want:
                 out.wanted[track_id] = (row, track)
             pos = lookup.pos.get(track_id)
@@ -158,6 +164,27 @@ def departed(lookup: IndexLookup, result: Scan, waiting: set[str]) -> list[str]:
         else:
             result.tombstones[int(pos)] = reasons.get(track_id) or NOT_KEPT
     return pending
+
+
+def carry_partitions(store: StageStore, paths: dict[str, str], carry: set[int], writer,
+                     lookup: IndexLookup) -> list[dict]:
+    """Partitions whose inputs did not change since the last pack: copy the previous manifest's
+    rows of them into `writer` (their samples stay live), streamed; returns their previous rejects."""
+    if not carry:
+        return []
+    parts = pa.array(sorted(carry), pa.int32())
+    with store.fs.open(paths["manifest"], "rb") as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=8192):
+            table = pa.Table.from_batches([batch])
+            table = table.filter(pc.is_in(table["partition"], value_set=parts))
+            if table.num_rows:
+                writer.write_table(table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA))
+                for track_id in table["track_id"].to_pylist():
+                    pos = lookup.pos.get(track_id)
+                    if pos is not None:
+                        lookup.seen[pos] = True
+    rejects = store.read_table(paths["rejects"])
+    return rejects.filter(pc.is_in(rejects["partition"], value_set=parts)).to_pylist()
 
 
 def copy_previous_rows(store: StageStore, manifest_path: str, track_ids: list[str], writer) -> set[str]:

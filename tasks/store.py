@@ -183,6 +183,21 @@ class StageStore:
                 parts.append(int(m.group(1)))
         return sorted(parts)
 
+    def partition_stamps(self, directory: str) -> dict[int, str]:
+        """Per partition file in a directory, what changes when the file is written again: its
+        size and modification time (or ETag on an object store), from one listing."""
+        try:
+            entries = self.fs.ls(directory, detail=True)
+        except FileNotFoundError:
+            return {}
+        stamps = {}
+        for e in entries:
+            m = PART_RE.search(posixpath.basename(e["name"]))
+            if m:
+                when = e.get("mtime") or e.get("LastModified") or e.get("created") or ""
+                stamps[int(m.group(1))] = f"{e.get('size')}:{when}:{e.get('ETag', '')}"
+        return stamps
+
     # -- a lock for work that must not overlap (ingest appends partitions) -------------
     @contextlib.contextmanager
     def lock(self, name: str, timeout_s: float = 600.0, poll_s: float = 0.5):

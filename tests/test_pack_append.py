@@ -248,3 +248,32 @@ def test_a_killed_append_leaves_the_previous_pack_whole(tmp_path, synth_corpus, 
     assert snapshot(store)["audio"] == snapshot(clean)["audio"]
     assert index_rows(store) == index_rows(clean) and manifest_rows(store) != []
     assert len(index_rows(store)) == len(before_index) + NEW_TRACKS
+
+
+def test_unchanged_partitions_are_carried_over_unread_and_give_what_a_full_read_gives(tmp_path, synth_corpus,
+                                                                                       tiny_models_dir):
+    root = tmp_path / "root"
+    root.mkdir()
+    cfg = build_work(root, synth_corpus, tiny_models_dir, "device=cpu", "pack.filter.min_pq=5")   # pq in [2, 9]
+    store = StageStore(cfg.work_root)
+    assert pack(cfg)["reasons"].get("filtered", 0) >= 2   # old partitions have rejects to carry
+    old_partitions = store.catalog_partitions()
+    write_new_songs(root / "new", NEW_TRACKS)
+    grow(cfg, root)
+    shutil.copytree(cfg.work_root, tmp_path / "touched")
+    touched = StageStore(str(tmp_path / "touched"))
+    for path in Path(touched.root).glob("stages/*/*/part-*.parquet"):   # rewritten with the same bytes
+        path.touch()
+
+    carried = pack(cfg)
+    read_all = pack(cfg.model_copy(update={"work_root": touched.root}))
+    assert carried["carried_partitions"] == len(old_partitions) and read_all["carried_partitions"] == 0
+    assert carried["appended"] == read_all["appended"] >= 1
+    for key in ("packed", "rejected", "reasons", "catalog_tracks", "not_ok_upstream", "stage_missing", "bytes"):
+        assert carried[key] == read_all[key], key
+    by_id = lambda rows: sorted(rows, key=lambda r: (r["track_id"], r["shard"]))  # noqa: E731
+    assert by_id(manifest_rows(store)) == by_id(manifest_rows(touched))
+    assert index_rows(store) == index_rows(touched)
+    rejects = [pq.read_table(s.path("shards", "default", "rejects.parquet")).to_pylist() for s in (store, touched)]
+    assert rejects[0] == rejects[1] and all(r["partition"] is not None for r in rejects[0])
+    assert pack(cfg)["mode"] == "skip"
