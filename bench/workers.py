@@ -47,7 +47,7 @@ def main() -> int:
         audio = top / "synth" / "audio"
         warm = top / "warm-audio"
         warm.mkdir()
-        first = sorted(audio.iterdir())[0]
+        first = sorted(p for p in audio.iterdir() if p.is_file())[0]
         shutil.copy(first, warm / first.name)
 
         def params(work: Path, source: Path, workers: int) -> RunParams:

@@ -160,6 +160,19 @@ def build_report(manifest: pa.Table, rejects: list[dict], summary: dict, charts:
     return Report("\n".join(out), png)
 
 
+def read_report(store, directory: str) -> Report | None:
+    """The report written into `directory` by `write_report`, or None when it is not there
+    (a pack that skipped reuses it: building it reads the whole manifest)."""
+    path = posixpath.join(directory, "report.md")
+    if not store.exists(path):
+        return None
+    markdown = store.read_bytes(path).decode()
+    charts = {}
+    for name in sorted(n for n in store.listdir(directory) if n.startswith("report-") and n.endswith(".png")):
+        charts[name] = store.read_bytes(posixpath.join(directory, name))
+    return Report(markdown, charts)
+
+
 def write_report(store, directory: str, report: Report) -> list[str]:
     """report.md and its charts into `directory` (atomic writes), removing charts of an
     earlier report that this one no longer has; returns the paths written."""

@@ -8,7 +8,7 @@ import re
 import pyarrow as pa
 
 from schemas.pack import MANIFEST_SCHEMA
-from tasks.report import build_report, write_report
+from tasks.report import build_report, read_report, write_report
 from tasks.store import StageStore
 
 CHARTS = ["report-aesthetics.png", "report-bpm.png", "report-durations.png", "report-keys.png",
@@ -106,3 +106,13 @@ def test_written_beside_the_shards_replacing_stale_charts(tmp_path):
     assert names == sorted(["report.md", "shard-000000.tar", *CHARTS])
     assert len(paths) == 1 + len(CHARTS)
     assert (tmp_path / "shards" / "demo" / "report.md").read_text().startswith("# Dataset `demo`")
+
+
+def test_a_written_report_reads_back_as_the_same_artifact(tmp_path):
+    store = StageStore(tmp_path)
+    directory = store.path("shards", "demo")
+    assert read_report(store, directory) is None
+    report = build_report(manifest(ROWS), REJECTS, SUMMARY)
+    write_report(store, directory, report)
+    again = read_report(store, directory)
+    assert again == report and again.inline_markdown() == report.inline_markdown()

@@ -8,6 +8,7 @@ AWS_* environment variables), as an operator would point the pipeline at MinIO o
 from __future__ import annotations
 
 import os
+import posixpath
 import socket
 import subprocess
 import sys
@@ -155,3 +156,19 @@ def test_curate_pack_and_latents_on_an_s3_work_root(s3, prefect_harness, synth_c
     assert set(index.column("track_id").to_pylist()) == ids and done["rejected"] == 0
     found = check(store, cfg)                     # acepipe verify: every output reads to its checksums
     assert found.checked > len(parts) and found.problems == [], [(p.path, p.what) for p in found.problems]
+
+    # An increment on S3: a corrected caption packs that track again into a new shard; the other
+    # objects stay as they were, and a rerun with nothing new only lists.
+    from tasks.overrides import set_override
+
+    shard_dir = store.path("shards", "default")
+    objects = {n: store.fs.info(posixpath.join(shard_dir, n))["ETag"] for n in store.listdir(shard_dir)
+               if n.startswith("shard-")}
+    changed = sorted(ids)[0]
+    set_override(store, "default", changed, "caption", "a corrected caption", who="test")
+    again = pack(cfg, "default")
+    assert again["mode"] == "append" and again["appended"] == 1 and again["removed_now"] == 1
+    assert {n: store.fs.info(posixpath.join(shard_dir, n))["ETag"] for n in objects} == objects
+    assert pack(cfg, "default")["mode"] == "skip"
+    encoded = latents(DatasetParams(config="tiny", work_root=root, overrides=overrides, dataset="default"))
+    assert encoded["shards_run"] == 1 and encoded["tracks"] == len(ids)

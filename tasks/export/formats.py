@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from schemas.export import RECAPTION_KEYS, TIMESIGNATURES, V1_SCHEMA
 from tasks.export.samples import Audio
-from tasks.pack import sample_lyrics
+from tasks.pack_samples import sample_lyrics
 
 
 # -- values from a manifest row -------------------------------------------------------------------
