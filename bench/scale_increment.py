@@ -12,7 +12,9 @@ process, on a temporary Prefect home and the tiny profile with the probe stage o
 and prints, per phase and flow: wall seconds, the Prefect task runs it created, the peak RSS
 (sampled every 20 ms), and for the increment the bytes it wrote under shards/ and latents/
 (new or changed files, the index/manifest tables apart), each as a share of the full run's,
-plus the figures per track. With `--profile N`, the empty night's flows are profiled. Asserts nothing.
+plus the figures per track; then, each alone in a fresh process (its peak RSS is its own), the
+pack and latents of another 1% increment and a full pack (`--rebuild`). With `--profile N`, the
+empty night's flows are profiled. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -187,6 +189,12 @@ def run(top: Path, tracks: int, new_percent: float, partition_size: int, shard_m
     write_songs(src, tracks, new)
     night("increment")
     night("empty", profile)
+    # Memory of the work alone, each in a fresh process: another 1% curated in the flow, then
+    # pack's and latents' increments, then a full pack (--rebuild), as plain function calls.
+    write_songs(src, tracks + new, new)
+    curate(params(work))
+    cfg = load_config("tiny", [f"work_root={work}", *overrides], environ={})
+    isolated = {what: in_child(what, cfg) for what in ("pack", "latents", "rebuild")}
 
     full = phases["full"]
     print(f"\n{tracks} tracks (+{new} = {new_percent}%), partitions of {partition_size}, shards of {shard_mb} MB, "
@@ -211,6 +219,44 @@ def run(top: Path, tracks: int, new_percent: float, partition_size: int, shard_m
     for flow in ("curate", "pack", "latents"):
         r = full[flow]
         print(f"per track, full {flow}: {1e3 * r['seconds'] / tracks:.2f} ms, peak RSS {r['rss']:.0f} MiB")
+    for what, (seconds, rss, base) in isolated.items():
+        print(f"alone in a fresh process: {what:8s} {seconds:6.1f} s, peak RSS {rss:6.0f} MiB "
+              f"({rss - base:.0f} MiB over the {base:.0f} MiB of the process after its imports)")
+
+
+def _child(what: str, cfg_json: str, out) -> None:
+    import resource
+
+    from schemas.config import Config
+    from tasks.latents import encode_shard, plan, prepare, write_index
+    from tasks.pack import pack
+    from tasks.store import StageStore
+
+    cfg = Config.model_validate_json(cfg_json)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if what == "latents":
+        store = StageStore(cfg.work_root)
+        the_plan = plan(cfg, "default", store)
+        current = prepare(cfg, the_plan, store)
+        write_index(cfg, the_plan, [encode_shard(cfg, "default", s, store) for s in the_plan["shards"]], store,
+                    current)
+    else:
+        pack(cfg, "default", rebuild=what == "rebuild")
+    out.put((time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base))
+
+
+def in_child(what: str, cfg) -> tuple[float, float, float]:
+    """(seconds, peak RSS MiB, RSS MiB after imports) of one step run alone in a fresh process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child, args=(what, cfg.model_dump_json(), out))
+    child.start()
+    result = out.get()
+    child.join()
+    return result
 
 
 def main(args) -> int:

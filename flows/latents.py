@@ -36,7 +36,7 @@ def latents_shards(cfg: Config, dataset: str, names: list[str]) -> list[dict]:
     """Encode the named audio shards. Takes names, not the plan: a subflow's parameters go to
     Prefect's API, which refuses more than 512 KB (a plan lists every track)."""
     wanted = set(names)
-    shards = [s for s in plan(cfg, dataset, StageStore(cfg.work_root))["shards"] if s["shard"] in wanted]
+    shards = [s for s in plan(cfg, dataset, StageStore(cfg.work_root), wanted)["shards"] if s["shard"] in wanted]
     tag = gpu_tag(True, cfg.device)   # capped by the gpu tag's concurrency limit on CUDA
     if tag == "gpu":
         ensure_gpu_limit(cfg.runner.gpu_concurrency)
@@ -80,7 +80,7 @@ def latents(params: DatasetParams = DatasetParams()) -> dict:
     store = StageStore(cfg.work_root)
     store.check_writable()
     runner = task_runner_for(cfg.runner)   # before planning: a runner that cannot exist fails up front
-    the_plan = plan(cfg, params.dataset, store)
+    the_plan = plan(cfg, params.dataset, store, tracks_for=set())   # the encoding subflow reads its shards' tracks
     index_current = prepare(cfg, the_plan, store)
     # Planned once: only shards whose latent shard is not done become task runs.
     done = {s["shard"]: skipped_result(params.dataset, s, store) for s in the_plan["shards"]}

@@ -18,7 +18,7 @@ from flows.params import PackParams
 from schemas.config import Config
 from tasks.pack import check_dataset_name, read_manifest, require_catalog
 from tasks.pack import pack as pack_dataset
-from tasks.report import build_report, read_report, write_report
+from tasks.report import REPORT_COLUMNS, build_report, read_report, write_report
 from tasks.review import review_dataset, table_rows
 from tasks.store import StageStore
 
@@ -36,7 +36,7 @@ def report_task(cfg: Config, summary: dict) -> str:
     report = read_report(store, shard_dir) if summary["skipped"] else None   # the dataset did not change
     if report is None:
         rejects = store.read_table(posixpath.join(shard_dir, "rejects.parquet")).to_pylist()
-        report = build_report(read_manifest(store, dataset), rejects, summary)
+        report = build_report(read_manifest(store, dataset, REPORT_COLUMNS), rejects, summary)
         write_report(store, shard_dir, report)
     return report.inline_markdown()
 

@@ -46,6 +46,7 @@ from collections import Counter
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.common import STATUS_OK, reason_code
 from schemas.config import Config
@@ -85,16 +86,20 @@ def shard_fingerprint(cfg: Config, tracks: list[dict], tar_bytes: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def plan(cfg: Config, dataset: str, store: StageStore) -> dict:
-    """The audio shards of `dataset`, each with its tracks (index order) and fingerprint."""
+def plan(cfg: Config, dataset: str, store: StageStore, tracks_for: set[str] | None = None) -> dict:
+    """The audio shards of `dataset`, each with its fingerprint and, for the shards in
+    `tracks_for` (default: all), its tracks (index order). Read column by column: a flow plans
+    without tracks and gives them only to the shards it encodes."""
     check_dataset_name(dataset)
     audio_index = read_audio_index(store, dataset)
-    by_shard: dict[str, list[dict]] = {}
-    removed: list[list[str]] = []   # tombstoned samples: encoded with their shard, left out of the index
-    for row in audio_index.to_pylist():
-        by_shard.setdefault(row["shard"], []).append(row)
-        if row.get("removed") is not None:
-            removed.append([row["shard"], row["track_id"]])
+    ids, sizes = audio_index.column("track_id").to_pylist(), audio_index.column("bytes").to_pylist()
+    removed_col = (audio_index.column("removed").to_pylist() if "removed" in audio_index.column_names
+                   else [None] * audio_index.num_rows)
+    by_shard: dict[str, list[int]] = {}
+    for i, shard in enumerate(audio_index.column("shard").to_pylist()):
+        by_shard.setdefault(shard, []).append(i)
+    # tombstoned samples: encoded with their shard, left out of the index
+    removed = sorted([shard, ids[i]] for shard, rows in by_shard.items() for i in rows if removed_col[i] is not None)
     audio_dir = store.path("shards", dataset)
     shards = []
     for name in sorted(by_shard):
@@ -102,14 +107,16 @@ def plan(cfg: Config, dataset: str, store: StageStore) -> dict:
         if not store.exists(path):
             raise FileNotFoundError(f"{path} is listed in the audio index but missing: re-run "
                                     f"`acepipe pack --dataset {dataset}`")
-        shards.append({"shard": name, "tracks": by_shard[name],
-                       "fingerprint": shard_fingerprint(cfg, by_shard[name], store.fs.size(path))})
-    removed.sort()
+        rows = by_shard[name]
+        entry = {"shard": name, "fingerprint": shard_fingerprint(
+            cfg, [{"track_id": ids[i], "bytes": sizes[i]} for i in rows], store.fs.size(path))}
+        if tracks_for is None or name in tracks_for:
+            entry["tracks"] = audio_index.take(rows).to_pylist()
+        shards.append(entry)
     overall = hashlib.sha256("".join(s["fingerprint"] for s in shards).encode() +
                              json.dumps(removed).encode()).hexdigest()[:16]
     pack_meta = audio_index.schema.metadata or {}
-    return {"dataset": dataset, "shards": shards, "fingerprint": overall,
-            "removed": sorted(removed),
+    return {"dataset": dataset, "shards": shards, "fingerprint": overall, "removed": removed,
             "pack_fingerprint": pack_meta.get(b"fingerprint", b"").decode()}
 
 
@@ -244,12 +251,51 @@ def _counts(shard: str, rows: list[dict], skipped: bool, seconds: float) -> dict
 # -- the index, last ----------------------------------------------------------------------------
 def write_index(cfg: Config, the_plan: dict, results: list[dict], store: StageStore | None = None,
                 index_current: bool = False) -> dict:
-    """Check every planned shard's record, drop stale shards, write rejects and the index."""
+    """Check every planned shard's record, drop stale shards, write rejects and the index (or,
+    when the index on disk is already the plan's, read it back for the summary). Column by
+    column: no dict per track."""
     store = store or StageStore(cfg.work_root)
     dataset = the_plan["dataset"]
     out = latent_dir(store, dataset)
-    index_rows, rejects = [], []
-    removed = {(shard, track_id) for shard, track_id in the_plan.get("removed", [])}
+    rejects = store.read_table_or_quarantine(posixpath.join(out, "rejects.parquet")) if index_current else None
+    if rejects is not None:
+        index = read_latent_index(store, dataset)
+    else:
+        index_current = False
+        index, rejects = _index_from_records(store, the_plan, out)
+    planned = {s["shard"] for s in the_plan["shards"]}
+    for name in store.listdir(out):
+        if SHARD_RE.match(name) and name not in planned:
+            store.fs.rm(posixpath.join(out, name))
+            if store.exists(record_path(store, dataset, name)):
+                store.fs.rm(record_path(store, dataset, name))
+    if not index_current:
+        store.write_table(posixpath.join(out, "rejects.parquet"), rejects)
+        meta = {"fingerprint": the_plan["fingerprint"], "dataset": dataset, "version": VERSION,
+                "pack_fingerprint": the_plan["pack_fingerprint"],
+                "latents_config": json.dumps(output_config(cfg.latents), sort_keys=True)}
+        store.write_table(posixpath.join(out, "index.parquet"), index.replace_schema_metadata(meta))
+    run = [r for r in results if not r["skipped"]]
+    reasons = Counter(reason_code(r) for r in rejects.column("reason").to_pylist())
+    run_audio, run_secs = sum(r["audio_seconds"] for r in run), sum(r["seconds"] for r in run)
+    return {"dataset": dataset, "work_root": cfg.work_root, "latents": out,
+            "fingerprint": the_plan["fingerprint"], "shards": len(the_plan["shards"]), "shards_run": len(run),
+            "shards_skipped": len(results) - len(run), "tracks": index.num_rows, "rejected": rejects.num_rows,
+            "by_reason": dict(sorted(reasons.items())),
+            "audio_hours": round((pc.sum(index["duration"]).as_py() or 0.0) / 3600, 4),
+            "latent_frames": int(pc.sum(index["valid_length"]).as_py() or 0),
+            "encode_seconds": round(run_secs, 2),
+            "audio_seconds_per_second": round(run_audio / run_secs, 1) if run_secs > 0 else None,
+            "index_unchanged": index_current, "per_shard": results}
+
+
+def _index_from_records(store: StageStore, the_plan: dict, out: str) -> tuple[pa.Table, pa.Table]:
+    """(index, rejects) from every planned shard's record, less the samples pack tombstoned."""
+    dataset = the_plan["dataset"]
+    removed: dict[str, list[str]] = {}
+    for shard, track_id in the_plan.get("removed", []):
+        removed.setdefault(shard, []).append(track_id)
+    oks, bads = [LATENT_INDEX_SCHEMA.empty_table()], [LATENT_REJECTS_SCHEMA.empty_table()]
     for s in the_plan["shards"]:
         path = record_path(store, dataset, s["shard"])
         record = store.read_table(path) if store.exists(path) else None
@@ -258,39 +304,13 @@ def write_index(cfg: Config, the_plan: dict, results: list[dict], store: StageSt
         if not done:
             raise RuntimeError(f"latent shard {s['shard']} of dataset {dataset} is not complete; run the "
                                "latents flow again (completed shards are skipped)")
-        for r in record.to_pylist():
-            if (s["shard"], r["track_id"]) in removed:   # tombstoned by pack
-                continue
-            if r["status"] == STATUS_OK:
-                index_rows.append({k: r[k] for k in ("shard", "track_id", "frames", "valid_length", "duration")})
-            else:
-                rejects.append({"shard": s["shard"], "track_id": r["track_id"], "reason": r["reason"]})
-    planned = {s["shard"] for s in the_plan["shards"]}
-    for name in store.listdir(out):
-        if SHARD_RE.match(name) and name not in planned:
-            store.fs.rm(posixpath.join(out, name))
-            if store.exists(record_path(store, dataset, name)):
-                store.fs.rm(record_path(store, dataset, name))
-    if not index_current:
-        store.write_table(posixpath.join(out, "rejects.parquet"),
-                          pa.Table.from_pylist(rejects, schema=LATENT_REJECTS_SCHEMA))
-        meta = {"fingerprint": the_plan["fingerprint"], "dataset": dataset, "version": VERSION,
-                "pack_fingerprint": the_plan["pack_fingerprint"],
-                "latents_config": json.dumps(output_config(cfg.latents), sort_keys=True)}
-        index = pa.Table.from_pylist(index_rows, schema=LATENT_INDEX_SCHEMA).replace_schema_metadata(meta)
-        store.write_table(posixpath.join(out, "index.parquet"), index)
-    run = [r for r in results if not r["skipped"]]
-    reasons = Counter(reason_code(r["reason"]) for r in rejects)
-    audio_s = sum(r["duration"] or 0.0 for r in index_rows)
-    run_audio, run_secs = sum(r["audio_seconds"] for r in run), sum(r["seconds"] for r in run)
-    return {"dataset": dataset, "work_root": cfg.work_root, "latents": out,
-            "fingerprint": the_plan["fingerprint"], "shards": len(the_plan["shards"]), "shards_run": len(run),
-            "shards_skipped": len(results) - len(run), "tracks": len(index_rows), "rejected": len(rejects),
-            "by_reason": dict(sorted(reasons.items())), "audio_hours": round(audio_s / 3600, 4),
-            "latent_frames": int(sum(r["valid_length"] for r in index_rows)),
-            "encode_seconds": round(run_secs, 2),
-            "audio_seconds_per_second": round(run_audio / run_secs, 1) if run_secs > 0 else None,
-            "index_unchanged": index_current, "per_shard": results}
+        if s["shard"] in removed:   # tombstoned by pack
+            record = record.filter(pc.invert(pc.is_in(record["track_id"],
+                                                      value_set=pa.array(removed[s["shard"]], pa.string()))))
+        ok = pc.equal(record["status"], STATUS_OK)
+        oks.append(record.filter(ok).select(LATENT_INDEX_SCHEMA.names).cast(LATENT_INDEX_SCHEMA))
+        bads.append(record.filter(pc.invert(ok)).select(LATENT_REJECTS_SCHEMA.names).cast(LATENT_REJECTS_SCHEMA))
+    return pa.concat_tables(oks), pa.concat_tables(bads)
 
 
 def read_latent_index(store: StageStore, dataset: str) -> pa.Table:

@@ -378,8 +378,8 @@ def _remove_stale_shards(store: StageStore, shard_dir: str, keep: set[str]) -> N
             store.fs.rm(posixpath.join(shard_dir, name))
 
 
-def read_manifest(store: StageStore, dataset: str) -> pa.Table:
+def read_manifest(store: StageStore, dataset: str, columns: list[str] | None = None) -> pa.Table:
     path = store.path("manifest", f"{dataset}.parquet")
     if not store.exists(path):
         raise FileNotFoundError(f"{path} not found: run `acepipe pack --dataset {dataset}` first")
-    return store.read_table(path)
+    return store.read_table(path, columns=columns)

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.common import reason_code
 
@@ -88,13 +89,30 @@ def _table(header: list[str], rows: list) -> str:
     return "\n".join(lines)
 
 
+# The manifest columns the report reads (a caller may read only these: not the lyrics of 1.8M tracks).
+REPORT_COLUMNS = ["duration", "instrumental", "language", "bpm", "key", "scale", "ce", "cu", "pc", "pq",
+                  "lyric_id", "caption"]
+
+
+def _column(manifest: pa.Table, name: str) -> list:
+    """One column as a list of values (None where the manifest lacks the column); text columns
+    the report only counts come as booleans (present and non-empty), not as their text."""
+    if name not in manifest.column_names:
+        return [None] * manifest.num_rows
+    col = manifest.column(name)
+    if name in ("lyric_id", "caption"):
+        col = pc.fill_null(pc.greater(pc.utf8_length(col), 0), False)
+    return col.to_pylist()
+
+
 def build_report(manifest: pa.Table, rejects: list[dict], summary: dict, charts: bool = True) -> Report:
-    """The report of one packed dataset."""
-    rows = manifest.to_pylist()
+    """The report of one packed dataset, read column by column (no dict per track)."""
+    cols = {name: _column(manifest, name) for name in REPORT_COLUMNS}
+    n = manifest.num_rows
     dataset = summary.get("dataset", "")
-    total_s = sum(r["duration"] or 0.0 for r in rows)
+    total_s = sum(d or 0.0 for d in cols["duration"])
     out = [f"# Dataset `{dataset}`", "",
-           f"- tracks packed: **{len(rows)}** ({_hours(total_s)} h) in {summary.get('shards', 0)} shards, "
+           f"- tracks packed: **{n}** ({_hours(total_s)} h) in {summary.get('shards', 0)} shards, "
            f"{summary.get('bytes', 0) / 1e6:.1f} MB",
            f"- catalog tracks: {summary.get('catalog_tracks', 0)}; not kept by a stage: "
            f"{summary.get('not_ok_upstream', 0)}; waiting for a stage output: {summary.get('stage_missing', 0)}",
@@ -102,9 +120,9 @@ def build_report(manifest: pa.Table, rejects: list[dict], summary: dict, charts:
     png: dict[str, bytes] = {}
 
     by_lang: dict[str, list[float]] = {}
-    for r in rows:
-        lang = "instrumental" if r.get("instrumental") else (r.get("language") or "unknown")
-        by_lang.setdefault(lang, []).append(r["duration"] or 0.0)
+    for lang, instrumental, duration in zip(cols["language"], cols["instrumental"], cols["duration"]):
+        lang = "instrumental" if instrumental else (lang or "unknown")
+        by_lang.setdefault(lang, []).append(duration or 0.0)
     lang_rows = sorted(by_lang.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
     out += ["## Languages", "", _table(["language", "tracks", "hours"],
                                        [[k, len(v), _hours(sum(v))] for k, v in lang_rows]), ""]
@@ -113,7 +131,7 @@ def build_report(manifest: pa.Table, rejects: list[dict], summary: dict, charts:
                                             "hours by language", "hours")
         out += ["![hours by language](report-languages.png)", ""]
 
-    durations = [r["duration"] for r in rows if r["duration"] is not None]
+    durations = [d for d in cols["duration"] if d is not None]
     if durations:
         median = sorted(durations)[len(durations) // 2]
         out += ["## Durations", "", f"min {min(durations):.1f} s, median {median:.1f} s, "
@@ -122,14 +140,14 @@ def build_report(manifest: pa.Table, rejects: list[dict], summary: dict, charts:
             png["report-durations.png"] = _hist(durations, "durations", "seconds")
             out += ["![durations](report-durations.png)", ""]
 
-    bpms = [r["bpm"] for r in rows if r.get("bpm") is not None]
-    out += ["## Tempo", "", f"{len(bpms)} of {len(rows)} tracks have a BPM", ""]
+    bpms = [b for b in cols["bpm"] if b is not None]
+    out += ["## Tempo", "", f"{len(bpms)} of {n} tracks have a BPM", ""]
     if charts and bpms:
         png["report-bpm.png"] = _hist(bpms, "BPM", "beats per minute", bins=24)
         out += ["![BPM](report-bpm.png)", ""]
 
-    keys = Counter(f"{r['key']} {r.get('scale') or ''}".strip() for r in rows if r.get("key"))
-    out += ["## Keys", "", f"{sum(keys.values())} of {len(rows)} tracks have a key", ""]
+    keys = Counter(f"{k} {s or ''}".strip() for k, s in zip(cols["key"], cols["scale"]) if k)
+    out += ["## Keys", "", f"{sum(keys.values())} of {n} tracks have a key", ""]
     if keys:
         ordered = sorted(keys, key=lambda k: (KEY_ORDER.index(k.split()[0]) if k.split()[0] in KEY_ORDER
                                               else 99, k))
@@ -138,7 +156,7 @@ def build_report(manifest: pa.Table, rejects: list[dict], summary: dict, charts:
             png["report-keys.png"] = _bars(ordered, [keys[k] for k in ordered], "keys", "tracks")
             out += ["![keys](report-keys.png)", ""]
 
-    aesthetics = {a: [r[a] for r in rows if r.get(a) is not None] for a in ("ce", "cu", "pc", "pq")}
+    aesthetics = {a: [v for v in cols[a] if v is not None] for a in ("ce", "cu", "pc", "pq")}
     if any(aesthetics.values()):
         out += ["## Aesthetics", "", _table(["axis", "tracks", "mean", "min", "max"], [
             [a.upper(), len(v), f"{sum(v) / len(v):.2f}", f"{min(v):.2f}", f"{max(v):.2f}"]
@@ -147,10 +165,9 @@ def build_report(manifest: pa.Table, rejects: list[dict], summary: dict, charts:
             png["report-aesthetics.png"] = _aesthetics({a: v for a, v in aesthetics.items() if v})
             out += ["![aesthetics](report-aesthetics.png)", ""]
 
-    with_lyrics = sum(1 for r in rows if r.get("lyric_id"))
-    captioned = sum(1 for r in rows if r.get("caption"))
-    out += ["## Text", "", f"- matched canonical lyrics: {with_lyrics}", f"- captioned: {captioned}",
-            f"- instrumental: {sum(1 for r in rows if r.get('instrumental'))}", ""]
+    out += ["## Text", "", f"- matched canonical lyrics: {sum(1 for x in cols['lyric_id'] if x)}",
+            f"- captioned: {sum(1 for x in cols['caption'] if x)}",
+            f"- instrumental: {sum(1 for x in cols['instrumental'] if x)}", ""]
 
     if rejects:
         reasons = Counter(reason_code(r["reason"]) for r in rejects)
