@@ -225,25 +225,25 @@ def run(top: Path, tracks: int, new_percent: float, partition_size: int, shard_m
 
 
 def _child(what: str, cfg_json: str, out) -> None:
-    import resource
-
     from schemas.config import Config
     from tasks.latents import encode_shard, plan, prepare, write_index
     from tasks.pack import pack
     from tasks.store import StageStore
 
     cfg = Config.model_validate_json(cfg_json)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Sampled, not ru_maxrss: a spawned child's ru_maxrss starts at its parent's high-water mark.
+    base = _rss_mib()
     t0 = time.perf_counter()
-    if what == "latents":
-        store = StageStore(cfg.work_root)
-        the_plan = plan(cfg, "default", store)
-        current = prepare(cfg, the_plan, store)
-        write_index(cfg, the_plan, [encode_shard(cfg, "default", s, store) for s in the_plan["shards"]], store,
-                    current)
-    else:
-        pack(cfg, "default", rebuild=what == "rebuild")
-    out.put((time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base))
+    with PeakRSS() as rss:
+        if what == "latents":
+            store = StageStore(cfg.work_root)
+            the_plan = plan(cfg, "default", store)
+            current = prepare(cfg, the_plan, store)
+            write_index(cfg, the_plan, [encode_shard(cfg, "default", s, store) for s in the_plan["shards"]],
+                        store, current)
+        else:
+            pack(cfg, "default", rebuild=what == "rebuild")
+    out.put((time.perf_counter() - t0, rss.peak, base))
 
 
 def in_child(what: str, cfg) -> tuple[float, float, float]:
