@@ -114,7 +114,6 @@ class IndexLookup:
 class Scan:
     """One pass over the candidates, compared with the index."""
     tracks: dict[int, TrackSet] = field(default_factory=dict)       # candidates' ids, per partition
-    kept: int = 0                                                    # samples kept where they lie
     append: list[tuple[dict, dict]] = field(default_factory=list)   # (manifest row, catalog row)
     tombstones: dict[int, str] = field(default_factory=dict)        # index position -> why
     rejects: list[dict] = field(default_factory=list)
@@ -147,7 +146,6 @@ def scan(parts: Iterator[tuple[list[tuple[dict, dict]], list[dict]]], lookup: In
             out.append.append((row, track))
         if rows:
             spool.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
-            out.kept += len(rows)
     out.append.sort(key=lambda pair: pair[0]["track_id"])
     return out
 
